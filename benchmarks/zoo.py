@@ -1,0 +1,77 @@
+"""Convert every torchvision classification model with every built-in recipe (weights=None).
+
+For each (model, recipe): conversion, output shape, forward and backward must succeed, or every
+listed conv must be refused with a reason. Prints one row per pair and a summary; exits 1 on any
+failure.
+
+    python benchmarks/zoo.py [--models resnet18,vgg11] [--recipes sic-m2] [--size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+import torchvision
+
+import leanconv
+
+MIN_SIZE = {"inception_v3": 75, "googlenet": 64}
+SKIP_HUGE = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
+
+
+def check(name: str, recipe: str, size: int) -> tuple[str, str]:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+        x = torch.randn(2, 3, max(size, MIN_SIZE.get(name, 0)), max(size, MIN_SIZE.get(name, 0)))
+        model.eval()
+        with torch.no_grad():
+            ref = model(x)
+        converted, plan = leanconv.convert(model, recipe, x)
+    converted.train()
+    out = converted(x)
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    logits.sum().backward()
+    converted.eval()
+    with torch.no_grad():
+        y = converted(x)
+    if y.shape != ref.shape:
+        return "FAIL", f"output shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    n_conv = len(plan.converted)
+    unexplained = [l.name for l in plan.layers if not l.converted and not l.reason]
+    if unexplained:
+        return "FAIL", f"skipped without reason: {unexplained[:3]}"
+    return "ok", f"{n_conv}/{len(plan.layers)} converted, MACs x{plan.mac_ratio:.3f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="")
+    ap.add_argument("--recipes", default="")
+    ap.add_argument("--size", type=int, default=64)
+    a = ap.parse_args()
+    models = a.models.split(",") if a.models else [
+        m for m in torchvision.models.list_models(module=torchvision.models) if m not in SKIP_HUGE]
+    recipes = a.recipes.split(",") if a.recipes else [r.name for r in leanconv.list_recipes()]
+    failures = 0
+    for m in models:
+        for r in recipes:
+            t = time.time()
+            try:
+                status, note = check(m, r, a.size)
+            except Exception as e:  # the point of this script: nothing may crash
+                status, note = "CRASH", f"{type(e).__name__}: {e}".splitlines()[0]
+                traceback.print_exc(limit=3)
+            failures += status != "ok"
+            print(f"{m:24s} {r:20s} {status:5s} {time.time() - t:6.1f}s  {note}", flush=True)
+    print(f"\n{failures} failures over {len(models) * len(recipes)} pairs")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

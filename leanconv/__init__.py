@@ -1,0 +1,13 @@
+"""leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
+from leanconv.convert import convert
+from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
+from leanconv.models import ModelSource
+from leanconv.plan import ConversionPlan, LayerPlan
+from leanconv.recipes import Recipe, get_recipe, list_recipes
+from leanconv.serialize import load, load_plan, save
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "ConversionPlan", "DataError", "LayerPlan", "LeanconvError", "ModelError",
+           "ModelSource", "NumericalError", "Recipe", "convert", "get_recipe", "list_recipes", "load",
+           "load_plan", "save"]

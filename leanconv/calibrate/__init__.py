@@ -1,0 +1,1 @@
+"""Initialization of converted layers by distillation from the original network."""

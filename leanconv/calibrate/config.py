@@ -1,0 +1,57 @@
+"""CalibrationConfig: how converted layers are initialized from the original network's activations."""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+from leanconv.errors import ConfigError
+from leanconv.recipes.spec import _checked_fields, _enum, _plain
+
+
+class Mode(str, enum.Enum):
+    CASCADED = "cascaded"  # inputs from the converted network, targets from the original
+    PARALLEL = "parallel"  # inputs and targets both from the original
+
+
+class Solver(str, enum.Enum):
+    DATAFREE = "datafree"        # keep the data-free start
+    CLOSED_FORM = "closed_form"  # ridge least-squares refits of projections
+    GRADIENT = "gradient"        # Adam on whole replacement blocks
+    AUTO = "auto"                # closed form, then gradient refinement for nonlinear blocks
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Settings of ``leanconv.calibrate``."""
+
+    images: int = 256               # calibration images drawn from the data
+    batch_size: int = 32            # images per forward pass
+    mode: Mode = Mode.CASCADED      # where each layer's inputs come from
+    solver: Solver = Solver.AUTO    # which solvers run
+    ridge: float = 1e-3             # ridge strength, relative to the mean diagonal of the Gram matrix
+    steps: int = 200                # Adam steps of gradient refinement per layer
+    lr: float = 1e-3                # Adam learning rate of gradient refinement
+    max_pixels: int = 65536         # captured input/target pixels kept per layer for gradient refinement
+    assign: bool = True             # choose the channel -> grid assignment of topological layers
+    recalibrate_bn: bool = True     # re-estimate BatchNorm statistics of the converted network
+    holdout: int = 256              # held-out images for end-to-end agreement
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
+        object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
+        for name in ("images", "batch_size", "steps", "max_pixels", "holdout"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size") and v < 1):
+                raise ConfigError(f"calibration.{name}: must be a positive integer, got {v!r}")
+        for name in ("ridge", "lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"calibration.{name}: must be a number >= 0, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationConfig":
+        return cls(**_checked_fields(cls, d, "calibration"))

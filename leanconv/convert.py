@@ -1,0 +1,118 @@
+"""convert(model, recipe, example_inputs) -> (model, ConversionPlan): orchestration only."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from leanconv.errors import ConfigError, ModelError
+from leanconv.layers.registry import layer_config
+from leanconv.measure.complexity import Complexity, count
+from leanconv.models import ModelSource, infer_source
+from leanconv.passes import analyze, replace_modules, select_candidates
+from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
+from leanconv.plan import ConversionPlan, LayerPlan
+from leanconv.recipes import Recipe, Selection, get_recipe
+
+
+def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs: Tensor | tuple | None = None, *,
+            select: Selection | None = None, source: ModelSource | None = None, inplace: bool = False,
+            progress: bool = False) -> tuple[nn.Module, ConversionPlan]:
+    """Replace the dense k x k convs of ``model`` with the layers of ``recipe``.
+
+    Args:
+        model: a trained network (any ``nn.Module``); not modified unless ``inplace``.
+        recipe: a built-in recipe name, a ``.toml`` path, or a ``Recipe``.
+        example_inputs: one batch ``(B, C, H, W)`` (or a tuple of forward arguments) at the size
+            the network will run at; it sets shapes and the MAC counts.
+        select: overrides the recipe's selection of convs.
+        source: how to build the base model again (for ``save``/``load``); inferred for
+            torchvision models when not given.
+        inplace: convert ``model`` itself instead of a copy.
+    Returns:
+        The converted model (same class, convs swapped by qualified name) and its plan.
+    Raises:
+        ConfigError: bad recipe or selection. ModelError: the model does not run.
+    """
+    recipe = get_recipe(recipe)
+    if example_inputs is None:
+        raise ConfigError("convert needs example_inputs, e.g. torch.randn(1, 3, 224, 224)")
+    sel = select or recipe.select
+    facts = analyze(model, example_inputs)
+    before = count(model, example_inputs)
+    candidates = select_candidates(facts, sel)
+    target = model if inplace else copy.deepcopy(model)
+
+    replacements: dict[str, nn.Module] = {}
+    reasons: dict[str, str] = {c.site.name: c.reason for c in candidates if c.reason}
+    todo = [c.site for c in candidates if c.selected]
+    for site in tqdm(todo, desc=f"convert ({recipe.name})", disable=not progress, leave=False):
+        conv = target.get_submodule(site.name)
+        try:
+            new = recipe.layer.build(conv, _shift(facts, site, target))
+            _check_shape(new, site)
+        except ConfigError as e:
+            reasons[site.name] = str(e)
+            continue
+        new.train(conv.training)
+        replacements[site.name] = new
+    replace_modules(target, replacements)
+    after = count(target, example_inputs)
+
+    layers = tuple(_layer_plan(c.site, recipe, before, after, replacements.get(c.site.name),
+                               reasons.get(c.site.name)) for c in candidates)
+    note = None if facts.traced else f"{facts.trace_error}; convs were swapped by module name without graph facts"
+    if not facts.traced:
+        warnings.warn(f"leanconv: {note}", stacklevel=2)
+    shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
+    source = source or infer_source(model)
+    plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, layers,
+                          facts.traced, note, recipe.to_dict(), source.to_dict() if source else None)
+    return target, plan
+
+
+def _shift(facts: ModelFacts, site: ConvSite, model: nn.Module) -> Tensor | None:
+    """Per-channel shift that keeps a stack's inner ReLUs linear at the start (see ResidualStack)."""
+    stats = None
+    if site.norm is not None:
+        stats = norm_output_stats(model.get_submodule(site.norm))
+    if stats is None:
+        stats = facts.output_stats.get(site.name)
+    return relu_shift(*stats) if stats is not None else None
+
+
+@torch.no_grad()
+def _check_shape(new: nn.Module, site: ConvSite) -> None:
+    if site.input_shape is None:
+        return
+    p = next(new.parameters())
+    was = new.training
+    new.eval()
+    out = new(torch.zeros((1,) + site.input_shape, dtype=p.dtype, device=p.device))
+    new.train(was)
+    if tuple(out.shape[1:]) != site.output_shape:
+        raise ModelError(f"replacement of {site.name} gives shape {tuple(out.shape[1:])}, "
+                         f"the conv gives {site.output_shape}; this is a leanconv bug")
+
+
+def _layer_plan(site: ConvSite, recipe: Recipe, before: Complexity, after: Complexity,
+                new: nn.Module | None, reason: str | None) -> LayerPlan:
+    g = site.geometry
+    macs_b = before.macs_under(site.name)
+    params_b = next((l.params for l in before.layers if l.name == site.name), 0)
+    macs_a = after.macs_under(site.name) if new is not None else macs_b
+    params_a = sum(p.numel() for p in new.parameters()) if new is not None else params_b
+    return LayerPlan(
+        name=site.name,
+        method=recipe.layer.method.value if new is not None else "keep",
+        params=recipe.layer.params() if new is not None else {},
+        in_channels=g.in_channels if g else 0, out_channels=g.out_channels if g else 0,
+        kernel_size=list(g.kernel_size) if g else [], stride=list(g.stride) if g else [],
+        input_shape=list(site.input_shape) if site.input_shape else None,
+        output_shape=list(site.output_shape) if site.output_shape else None,
+        macs_before=macs_b, macs_after=macs_a, params_before=params_b, params_after=params_a,
+        converted=new is not None, reason=None if new is not None else reason,
+        replacement=layer_config(new) if new is not None else None)

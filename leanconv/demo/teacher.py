@@ -1,0 +1,54 @@
+"""The demo's teacher: a small ResNet for 28x28 grayscale images, and its training loop."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: two 3x3 conv-BN pairs and a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + identity)
+
+
+class SmallResNet(nn.Module):
+    """Stem conv, three stages of basic blocks (stride 1, 2, 2), global pooling, linear head."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128), blocks=(1, 1, 1)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            layers = [BasicBlock(cin if j == 0 else w, w, 1 if i == 0 or j > 0 else 2) for j in range(n)]
+            stages.append(nn.Sequential(*layers))
+            cin = w
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def fmnist_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 32) -> SmallResNet:
+    """The demo teacher (model spec ``leanconv.demo.teacher:fmnist_resnet``)."""
+    return SmallResNet(num_classes, in_chans, (width, 2 * width, 4 * width))

@@ -1,0 +1,1 @@
+"""Knowledge-distillation fine-tuning."""
