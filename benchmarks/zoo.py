@@ -19,7 +19,7 @@ import torchvision
 
 import leanconv
 
-MIN_SIZE = {"inception_v3": 75, "googlenet": 64}
+MIN_SIZE = {"inception_v3": 299, "googlenet": 64}  # inception's aux head needs 299 in train mode
 SKIP_HUGE = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
 
 

@@ -42,6 +42,9 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         raise ConfigError("convert needs example_inputs, e.g. torch.randn(1, 3, 224, 224)")
     sel = select or recipe.select
     facts = analyze(model, example_inputs)
+    note = None if facts.traced else f"{facts.trace_error}; convs were swapped by module name without graph facts"
+    if not facts.traced:
+        warnings.warn(f"leanconv: {note}", stacklevel=2)
     before = count(model, example_inputs)
     candidates = select_candidates(facts, sel)
     target = model if inplace else copy.deepcopy(model)
@@ -60,13 +63,15 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         new.train(conv.training)
         replacements[site.name] = new
     replace_modules(target, replacements)
-    after = count(target, example_inputs)
+    try:
+        after = count(target, example_inputs)
+    except Exception as e:
+        raise ModelError(f"the model does not run after conversion ({type(e).__name__}: {e}); something reads "
+                         f"a converted conv's attributes outside its forward. Keep that conv with an exclude "
+                         f"pattern (--exclude NAME)") from e
 
     layers = tuple(_layer_plan(c.site, recipe, before, after, replacements.get(c.site.name),
                                reasons.get(c.site.name)) for c in candidates)
-    note = None if facts.traced else f"{facts.trace_error}; convs were swapped by module name without graph facts"
-    if not facts.traced:
-        warnings.warn(f"leanconv: {note}", stacklevel=2)
     shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
     source = source or infer_source(model)
     plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, layers,

@@ -29,15 +29,19 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """Stem conv, three stages of basic blocks (stride 1, 2, 2), global pooling, linear head."""
+    """Stem conv, three stages of basic blocks, global pooling, linear head.
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128), blocks=(1, 1, 1)) -> None:
+    ``strides``: stride of each stage's first block (the default halves 28x28 to 14, 7, 4).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128), blocks=(1, 1, 1),
+                 strides=(2, 2, 2)) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         stages, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
-            layers = [BasicBlock(cin if j == 0 else w, w, 1 if i == 0 or j > 0 else 2) for j in range(n)]
+            layers = [BasicBlock(cin if j == 0 else w, w, strides[i] if j == 0 else 1) for j in range(n)]
             stages.append(nn.Sequential(*layers))
             cin = w
         self.layer1, self.layer2, self.layer3 = stages

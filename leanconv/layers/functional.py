@@ -49,7 +49,7 @@ def unravel_svd(weight: Tensor, b: int) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"unravel multiplier b must be >= 1, got {b}")
     co, ci, kh, kw = weight.shape
     w = weight.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(ci, co, kh * kw)  # (ci, co, k2)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (ci, co, r), (ci, r), (ci, r, k2)
+    u, s, vh = batched_svd(w)  # (ci, co, r), (ci, r), (ci, r, k2)
     r = min(b, s.shape[1])
     root = s[:, :r].sqrt()  # (ci, r)
     dw = torch.zeros(ci, b, kh * kw, dtype=torch.float64)
@@ -59,6 +59,29 @@ def unravel_svd(weight: Tensor, b: int) -> tuple[Tensor, Tensor]:
     dw = dw.reshape(ci * b, 1, kh, kw)
     proj = proj.reshape(co, ci * b)
     return dw.to(weight.dtype), proj.to(weight.dtype)
+
+
+def batched_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a batch of tall-or-wide matrices ``(B, m, n)``, singular values descending.
+
+    Goes through the eigendecomposition of the smaller Gram matrix: for the ``co x k*k`` slices
+    of a conv kernel that is a tiny ``k*k x k*k`` problem, far faster than LAPACK's batched SVD
+    (use float64 input: squaring the matrix squares its condition number).
+    """
+    m, n = a.shape[-2:]
+    wide = m < n
+    if wide:
+        a = a.transpose(-1, -2)  # (B, n, m), now tall
+    evals, evecs = torch.linalg.eigh(a.transpose(-1, -2) @ a)  # ascending, (B, r), (B, r, r)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    s = evals.clamp_min(0).sqrt()  # (B, r)
+    av = a @ evecs  # (B, rows, r) = U * s
+    tiny = s <= s[..., :1] * 1e-12
+    u = torch.where(tiny[..., None, :], torch.zeros_like(av), av / torch.where(tiny, 1.0, s)[..., None, :])
+    v = evecs
+    if wide:
+        u, v = v, u
+    return u, s, v.transpose(-1, -2)
 
 
 def centre_identity(channels: int, kernel: tuple[int, int], dtype=torch.float32) -> Tensor:

@@ -176,12 +176,12 @@ class SICStack(ResidualStack):
         def topo(ci: int, co: int) -> Topology | None:
             return Topology.auto(ci, co, topology_rank, density) if topology_rank else None
 
+        resizes = g.output_hw((17, 19)) != (17, 19)  # stride or padding changes the size
         layers: list[nn.Module] = []
         for i in range(depth):
             ci = g.in_channels if i == 0 else g.out_channels
-            strided = i == 0 and g.stride != (1, 1)
             pair_here = bottleneck == "full" or (bottleneck == "half" and i % 2 == 1)
-            if pair_here and not strided:
+            if pair_here and not (i == 0 and resizes):  # bottleneck layers keep the size
                 layers.append(SpatialBottleneck(ci, g.out_channels, bottleneck_k, 0, topo(ci, g.out_channels),
                                                 True, **dd))
                 layers.append(SpatialBottleneck(g.out_channels, g.out_channels, bottleneck_k, 1,

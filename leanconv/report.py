@@ -1,0 +1,225 @@
+"""The speedup report: complexity, measured latency and accuracy of original vs converted, as
+JSON, Markdown and a plot."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leanconv.measure.accuracy import compare
+from leanconv.measure.latency import time_models
+from leanconv.plan import ConversionPlan, human
+from leanconv.serialize import atomic_write, write_json
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What was measured of one network. Latency: ``{device: {batch: median ms}}``."""
+
+    macs: int
+    params: int
+    top1: float | None = None
+    top5: float | None = None
+    latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    recipe: str
+    input_size: list[int]                  # (C, H, W)
+    original: Figures
+    converted: Figures
+    agreement_top1: float | None           # fraction of images where both predict the same class
+    kl: float | None                       # mean KL(original || converted), nats
+    threads: int                           # CPU threads used for latency
+    layers: list[dict]                     # per converted/listed layer
+    eval_images: int = 0
+    stages: dict = field(default_factory=dict)  # calibration / fine-tuning summaries, when run
+
+    @property
+    def speedup(self) -> dict:
+        o, c = self.original, self.converted
+        latency = {d: {b: o.latency_ms[d][b] / c.latency_ms[d][b] for b in c.latency_ms[d]
+                       if b in o.latency_ms.get(d, {})} for d in c.latency_ms}
+        macs = o.macs / c.macs
+        return {"macs": macs, "params": o.params / c.params, "latency": latency,
+                "realized": {d: {b: x / macs for b, x in v.items()} for d, v in latency.items()}}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["speedup"] = self.speedup
+        d["mac_convention"] = "1 MAC = one multiply-add = 2 FLOPs; per image"
+        return json.loads(json.dumps(d))  # int batch keys -> strings, as JSON has them
+
+    def summary(self) -> str:
+        """A few lines: accuracy before/after, MACs ratio, measured speedup."""
+        s = self.speedup
+        lines = []
+        if self.original.top1 is not None and self.converted.top1 is not None:
+            lines.append(f"top-1 {self.original.top1 * 100:.2f}% -> {self.converted.top1 * 100:.2f}% "
+                         f"({(self.converted.top1 - self.original.top1) * 100:+.2f} points), "
+                         f"agreement {self.agreement_top1 * 100:.2f}%")
+        lines.append(f"MACs {human(self.original.macs)} -> {human(self.converted.macs)} ({s['macs']:.2f}x fewer), "
+                     f"params {human(self.original.params)} -> {human(self.converted.params)}")
+        for dev, per in s["latency"].items():
+            parts = [f"batch {b}: {x:.2f}x (realized {s['realized'][dev][b]:.2f})" for b, x in per.items()]
+            lines.append(f"measured speedup on {dev} ({self.threads} threads): " + ", ".join(parts))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        s = self.speedup
+        o, c = self.original, self.converted
+        pct = lambda v: "-" if v is None else f"{v * 100:.2f}%"  # noqa: E731
+        out = [f"# leanconv report: {self.model}, recipe `{self.recipe}`", "",
+               f"Input {'x'.join(map(str, self.input_size))}. MACs are multiply-adds per image "
+               f"(1 MAC = 2 FLOPs). Latency: median of interleaved runs after warm-up, "
+               f"{self.threads} CPU threads.", "",
+               "| | original | converted | ratio |", "|---|---|---|---|",
+               f"| MACs | {human(o.macs)} | {human(c.macs)} | {s['macs']:.2f}x fewer |",
+               f"| params | {human(o.params)} | {human(c.params)} | {s['params']:.2f}x fewer |"]
+        if o.top1 is not None:
+            out.append(f"| top-1 | {pct(o.top1)} | {pct(c.top1)} | {(c.top1 - o.top1) * 100:+.2f} points |")
+            out.append(f"| top-5 | {pct(o.top5)} | {pct(c.top5)} | {(c.top5 - o.top5) * 100:+.2f} points |")
+        if self.agreement_top1 is not None:
+            out.append(f"| top-1 agreement | | {pct(self.agreement_top1)} | KL {self.kl:.4f} |")
+        for dev in c.latency_ms:
+            for b in c.latency_ms[dev]:
+                out.append(f"| latency {dev}, batch {b} | {o.latency_ms[dev][b]:.2f} ms | "
+                           f"{c.latency_ms[dev][b]:.2f} ms | {s['latency'][dev][b]:.2f}x faster "
+                           f"(realized {s['realized'][dev][b]:.2f}) |")
+        out += ["", "Realized speedup = measured speedup / MAC speedup: 1.0 means the network got as "
+                "much faster as its MACs promise.", "", "## Layers", "",
+                "| layer | method | MACs before | MACs after | params before | params after | "
+                "calibration error (start -> after) |", "|---|---|---|---|---|---|---|"]
+        for l in self.layers:
+            err = "-"
+            if l.get("error_start") is not None and l.get("error_after") is not None:
+                err = f"{l['error_start']:.4f} -> {l['error_after']:.4f}"
+            note = "" if l["converted"] else f" ({l['reason']})"
+            out.append(f"| {l['name']} | {l['method']}{note} | {human(l['macs_before'])} | {human(l['macs_after'])} | "
+                       f"{human(l['params_before'])} | {human(l['params_after'])} | {err} |")
+        return "\n".join(out) + "\n"
+
+
+def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[dict]:
+    """Per-layer rows of a report, with calibration errors where calibration reported them."""
+    errs = {}
+    for l in (calibration or {}).get("layers", []):
+        errs[l.get("name")] = (l.get("error_start"), l.get("error_after"))
+    rows = []
+    for l in plan.layers:
+        start, after = errs.get(l.name, (None, None))
+        rows.append({"name": l.name, "method": l.method, "params": l.params, "converted": l.converted,
+                     "reason": l.reason, "macs_before": l.macs_before, "macs_after": l.macs_after,
+                     "params_before": l.params_before, "params_after": l.params_after,
+                     "error_start": start, "error_after": after})
+    return rows
+
+
+def inference_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A deployment-ready copy: ``leanconv.optimize`` where available, else eval + channels_last."""
+    import leanconv
+
+    m = copy.deepcopy(model).eval()
+    opt = getattr(leanconv, "optimize", None)
+    if opt is not None:
+        return opt(m, example)
+    return m.to(memory_format=torch.channels_last)
+
+
+def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,
+                 data=None, eval_images: int | None = None, batches: tuple[int, ...] = (1, 32),
+                 devices: tuple[str, ...] | None = None, threads: int | None = None,
+                 calibration: dict | None = None, stages: dict | None = None,
+                 latency_budget_s: float = 20.0, progress: bool = True) -> Report:
+    """Measure original and converted side by side.
+
+    Latency is measured on the optimized copies (the same preparation for both), on CPU always and
+    on CUDA when present, interleaved in one process. Accuracy only when ``data`` is given.
+    """
+    from tqdm.auto import tqdm
+
+    shape = tuple(plan.input_shape)
+    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    threads = threads or torch.get_num_threads()
+    lat: dict[str, dict[str, dict[int, float]]] = {"original": {}, "converted": {}}
+    steps = [(d, b) for d in devices for b in batches]
+    for dev, b in tqdm(steps, desc="latency", disable=not progress, leave=False):
+        example = torch.randn((1,) + shape)
+        models = {"original": inference_copy(original, example).to(dev),
+                  "converted": inference_copy(converted, example).to(dev)}
+        t = time_models(models, shape, b, dev, threads=threads, budget_s=latency_budget_s)
+        for name in models:
+            lat[name].setdefault(dev, {})[b] = t[name].median_ms
+    top = {"original": (None, None), "converted": (None, None)}
+    agreement = kl = None
+    n = 0
+    if data is not None:
+        a = compare(converted, original, data, max_images=eval_images, progress=progress, desc="accuracy")
+        top = {"original": (a.reference_top1, a.reference_top5), "converted": (a.top1, a.top5)}
+        agreement, kl, n = a.agreement_top1, a.kl, a.images
+    o = Figures(plan.macs_before, plan.params_before, *top["original"], lat["original"])
+    c = Figures(plan.macs_after, plan.params_after, *top["converted"], lat["converted"])
+    return Report(model_name, plan.recipe, list(shape), o, c, agreement, kl, threads,
+                  layer_rows(plan, calibration), n, stages or {})
+
+
+def write_report(report: Report, directory: str | Path) -> list[Path]:
+    """Write report.json, report.md and (with matplotlib) report.png, each atomically."""
+    d = Path(directory)
+    write_json(d / "report.json", report.to_dict())
+    atomic_write(d / "report.md", lambda tmp: Path(tmp).write_text(report.to_markdown()))
+    written = [d / "report.json", d / "report.md"]
+    if plot_report(report, d / "report.png"):
+        written.append(d / "report.png")
+    return written
+
+
+def plot_report(report: Report, path: Path) -> bool:
+    """Accuracy against MACs, and latency bars; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    o, c = report.original, report.converted
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if o.top1 is not None:
+        ax1.scatter([o.macs / 1e6], [o.top1 * 100], label="original", s=60)
+        ax1.scatter([c.macs / 1e6], [c.top1 * 100], label=f"converted ({report.recipe})", s=60, marker="s")
+        ax1.set_ylabel("top-1 (%)")
+    else:
+        ax1.bar(["original", "converted"], [o.macs / 1e6, c.macs / 1e6])
+        ax1.set_ylabel("MMACs")
+    ax1.set_xlabel("MACs per image (millions)")
+    ax1.set_title("accuracy vs complexity")
+    ax1.legend() if o.top1 is not None else None
+    labels, ov, cv = [], [], []
+    for dev in c.latency_ms:
+        for b in c.latency_ms[dev]:
+            labels.append(f"{dev} b{b}")
+            ov.append(o.latency_ms[dev][b])
+            cv.append(c.latency_ms[dev][b])
+    xs = range(len(labels))
+    ax2.bar([x - 0.2 for x in xs], ov, 0.4, label="original")
+    ax2.bar([x + 0.2 for x in xs], cv, 0.4, label="converted")
+    ax2.set_xticks(list(xs), labels)
+    ax2.set_ylabel("median latency (ms)")
+    ax2.set_yscale("log" if max(ov + cv, default=1) / max(min(ov + cv, default=1), 1e-9) > 20 else "linear")
+    ax2.set_title(f"measured latency ({report.threads} threads)")
+    ax2.legend()
+    fig.suptitle(f"{report.model}: {report.recipe}")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+

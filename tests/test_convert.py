@@ -1,0 +1,227 @@
+"""convert(): every family converts (or refuses with reasons), plans add up, untouched layers stay."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.fx
+import torchvision
+from torch import nn
+
+import leanconv
+from leanconv.layers import Topology
+from leanconv.passes import LeafTracer, trace
+from leanconv.recipes import Selection, list_recipes
+
+RECIPES = [r.name for r in list_recipes()]
+
+
+def tv(name, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchvision.models.get_model(name, weights=None, num_classes=10, **kw).eval()
+
+
+def converts(model, recipe, size=32, expect_some=True):
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    converted, plan = leanconv.convert(model, recipe, x)
+    converted.train()
+    out = converted(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    logits.square().mean().backward()
+    assert all(p.grad is not None for n, p in converted.named_parameters() if p.requires_grad
+               and any(n.startswith(l.name + ".") for l in plan.converted))
+    converted.eval()
+    with torch.no_grad():
+        assert converted(x).shape == ref.shape
+    assert all(l.converted or l.reason for l in plan.layers)
+    if expect_some:
+        assert plan.converted and plan.macs_after < plan.macs_before
+    return converted, plan
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_families_convert_with_every_recipe(name, recipe):
+    converts(tv(name), recipe)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg13", "densenet121", "googlenet",
+                                  "inception_v3"])
+@pytest.mark.parametrize("recipe", ["sic-m2", "sic-topo2d", "sic-bottleneck"])
+def test_other_families_convert(name, recipe):
+    size = 80 if name == "inception_v3" else 32
+    kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    converts(tv(name, **kw), recipe, size)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x0_5", "resnext50_32x4d",
+                                  "regnet_x_400mf"])
+def test_models_without_dense_kxk_convs_are_refused_layer_by_layer(name):
+    _, plan = converts(tv(name), "sic-m2", expect_some=False)
+    assert not plan.converted and plan.layers
+    assert all(l.reason for l in plan.layers)
+
+
+def test_untouched_layers_keep_keys_and_values():
+    model = tv("resnet18")
+    converted, plan = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 32, 32))
+    old, new = model.state_dict(), converted.state_dict()
+    done = [l.name + "." for l in plan.converted]
+    for k, v in old.items():
+        if not any(k.startswith(p) for p in done):
+            assert k in new and torch.equal(new[k], v), k
+    assert type(converted) is type(model)
+    assert all(isinstance(model.get_submodule(l.name), nn.Conv2d) for l in plan.converted)  # not in place
+
+
+@pytest.mark.parametrize("recipe", ["sic-m2", "sic-topo2d", "sic-bottleneck", "topo3d"])
+def test_converted_model_traces_again(recipe):
+    converted, _ = leanconv.convert(tv("resnet18"), recipe, torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 33, 31)
+    gm = trace(converted)
+    assert torch.allclose(gm(x), converted(x))
+    assert any(n.op == "call_module" and type(gm.get_submodule(n.target)).__module__.startswith("leanconv")
+               for n in gm.graph.nodes)
+    plain = torch.fx.symbolic_trace(converted)  # the replacement layers trace with the default tracer too
+    assert torch.allclose(plain(x), converted(x))
+    assert isinstance(LeafTracer(), torch.fx.Tracer)
+
+
+def test_plan_totals_add_up_and_match_a_recount():
+    model = tv("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    converted, plan = leanconv.convert(model, "sic-m3", x)
+    conv = plan.converted
+    assert plan.macs_after == plan.macs_before - sum(l.macs_before for l in conv) + sum(l.macs_after for l in conv)
+    assert plan.params_after == plan.params_before - sum(l.params_before for l in conv) + sum(
+        l.params_after for l in conv)
+    assert plan.macs_after == leanconv.measure.count(converted, x).macs
+    d = plan.to_dict()
+    for key in ("macs_before", "macs_after", "params_before", "params_after"):
+        assert key in d["totals"]
+    for key in ("name", "method", "in_channels", "out_channels", "stride", "macs_before", "macs_after",
+                "params_before", "params_after", "converted", "reason"):
+        assert all(key in l for l in d["layers"])
+
+
+def layer_formula(recipe: str, n: int, h: int, w: int) -> int:
+    """The paper's cost of a converted n->n stride-1 3x3 layer at h x w, per image."""
+    hw = h * w
+
+    def bottleneck(offset):  # dw 2x2 s2, projection and transposed dw on ceil((o+h)/2) cells per axis
+        cells = math.ceil((offset + h) / 2) * math.ceil((offset + w) / 2)
+        return (4 * n + n * n + 4 * n) * cells
+
+    sic = (9 * n + n * n) * hw
+    c2 = Topology.auto(n, n, 2).connections
+    c3 = Topology.auto(n, n, 3).connections
+    return {"unravel-b4": 4 * (9 * n + n * n) * hw, "sic-m2": 2 * sic, "sic5-m2": 2 * (25 * n + n * n) * hw,
+            "sic-m3": 3 * sic, "topo2d": 2 * 9 * n * c2 * hw, "topo3d": 2 * 9 * n * c3 * hw,
+            "group4": 2 * 9 * n * n // 4 * hw, "sic-topo2d": 4 * (9 * n + n * c2) * hw,
+            "sic-bottleneck-half": sic + bottleneck(0) + bottleneck(1),
+            "sic-bottleneck": 2 * (bottleneck(0) + bottleneck(1))}[recipe]
+
+
+# the paper's complexities (Tables 3, 5, 6); they leave out the depthwise and edge-cell terms
+PAPER_RATIO = {"unravel-b4": 4 / 9, "sic-m2": 2 / 9, "sic-m3": 1 / 3, "topo2d": 1 / 2, "topo3d": 15 / 32,
+               "group4": 1 / 2}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resnet18_layer_macs_equal_the_paper_formulas(recipe):
+    _, plan = leanconv.convert(tv("resnet18"), recipe, torch.randn(1, 3, 224, 224))
+    same = [l for l in plan.converted if l.in_channels == l.out_channels and l.stride == [1, 1]]
+    assert len(same) == 13  # 4 in layer1, 3 in each later stage
+    for l in same:
+        assert l.macs_after == layer_formula(recipe, l.in_channels, *l.output_shape[1:]), l.name
+    ratio = sum(l.macs_after for l in same) / sum(l.macs_before for l in same)
+    if recipe in PAPER_RATIO:
+        assert ratio == pytest.approx(PAPER_RATIO[recipe], rel=0.10)
+
+
+def test_selection_rules():
+    model = tv("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(exclude=("layer4.*",), convert_strided=False,
+                                                                   min_channels=128))
+    by = {l.name: l for l in plan.layers}
+    assert "first conv" in by["conv1"].reason
+    assert "excluded" in by["layer4.1.conv1"].reason
+    assert "stride" in by["layer3.0.conv1"].reason
+    assert "min_channels" in by["layer1.0.conv1"].reason
+    assert by["layer3.0.conv2"].converted
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(skip_first=False, min_channels=0))
+    assert {l.name: l for l in plan.layers}["conv1"].converted
+
+
+def test_pattern_matching_nothing_warns():
+    with pytest.warns(UserWarning, match="matches no conv"):
+        leanconv.convert(tv("resnet18"), "sic-m2", torch.randn(1, 3, 32, 32), select=Selection(include=("nope.*",)))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > -1e9:  # data-dependent control flow: torch.fx cannot trace this
+            x = self.body(x)
+        return self.head(x)
+
+
+def test_untraceable_model_falls_back_to_module_swap_and_says_so():
+    with pytest.warns(UserWarning, match="cannot trace"):
+        converted, plan = leanconv.convert(Untraceable(), "sic-m2", torch.randn(1, 3, 16, 16))
+    assert not plan.traced and "cannot trace" in plan.trace_note
+    assert [l.name for l in plan.converted] == ["body", "head"]
+    assert converted(torch.randn(1, 3, 16, 16)).shape == (1, 16, 16, 16)
+
+
+class ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + self.b.weight.mean()
+
+
+class UntraceableReadsWeight(Untraceable):
+    def forward(self, x):
+        return super().forward(x) * self.head.weight.mean()
+
+
+def test_untraceable_model_that_breaks_after_swapping_is_one_clear_error():
+    with pytest.raises(leanconv.ModelError, match="does not run after conversion.*exclude"):
+        with pytest.warns(UserWarning):
+            leanconv.convert(UntraceableReadsWeight(), "sic-m2", torch.randn(1, 3, 16, 16))
+
+
+def test_conv_whose_weight_is_read_elsewhere_is_kept():
+    _, plan = leanconv.convert(ReadsWeight(), "sic-m2", torch.randn(1, 16, 8, 8),
+                               select=Selection(skip_first=False))
+    by = {l.name: l for l in plan.layers}
+    assert by["a"].converted and not by["b"].converted and "read outside" in by["b"].reason
+
+
+def test_replacement_that_cannot_represent_a_layer_is_skipped_with_its_reason():
+    model = nn.Sequential(nn.Conv2d(3, 18, 3, padding=1), nn.Conv2d(18, 18, 3, padding=1))
+    _, plan = leanconv.convert(model, "group4", torch.randn(1, 3, 8, 8), select=Selection(min_channels=0))
+    assert "groups do not divide" in plan.layers[1].reason
+
+
+def test_data_free_start_keeps_a_bn_network_close():
+    """SIC stacks start linear (BN-derived shift): the unravel-like start is a fair approximation."""
+    model = tv("resnet18")
+    x = torch.randn(4, 3, 32, 32)
+    conv, _ = leanconv.convert(model, "unravel-b4", x)
+    y0, y1 = model(x), conv(x)
+    assert y1.shape == y0.shape and torch.isfinite(y1).all()

@@ -1,0 +1,47 @@
+"""Complexity accounting: formulas of the paper and torch's own FLOP counter."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from leanconv.layers import SICLayer, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv
+from leanconv.measure import count
+
+
+@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(num_classes=10),
+                                   lambda: torchvision.models.vgg11(num_classes=10),
+                                   lambda: torchvision.models.mobilenet_v2(num_classes=10)])
+def test_dense_counts_match_torch_flop_counter(build):
+    model = build().eval()
+    x = torch.randn(1, 3, 64, 64)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    assert 2 * count(model, x).macs == counter.get_total_flops()
+
+
+def test_paper_formulas():
+    n, k, hw, b = 64, 3, (14, 14), 4
+    HW = 14 * 14
+    x = torch.randn(1, n, *hw)
+    assert count(nn.Conv2d(n, n, k, padding=1), x).macs == n * n * k * k * HW           # eq. (1)
+    assert count(UnraveledConv(n, n, k, b, padding=1), x).macs == b * (n * k * k + n * n) * HW  # eq. (2)
+    assert count(SICLayer(n, n, k, padding=1), x).macs == (n * k * k + n * n) * HW
+    topo = Topology((8, 8), (8, 8), (4, 4))
+    assert count(TopoConv2d(n, n, k, topo, padding=1), x).macs == n * 16 * k * k * HW    # c/n of dense
+    # bottleneck: dw k x k stride k, projection and transposed dw at 1/k^2 of the pixels
+    assert count(SpatialBottleneck(n, n, 2), x).macs == (n * 4 + n * n + n * 4) * HW // 4
+
+
+def test_params_count_only_real_connections():
+    topo = Topology((8, 8), (8, 8), (4, 4))
+    layer = TopoConv2d(64, 64, 3, topo, bias=False)
+    assert sum(p.numel() for p in layer.parameters()) == 64 * 16 * 9
+    assert count(layer, torch.randn(1, 64, 5, 5)).params == 64 * 16 * 9
+
+
+def test_count_restores_training_mode():
+    m = torchvision.models.resnet18(num_classes=10).train()
+    count(m, torch.randn(1, 3, 32, 32))
+    assert m.training

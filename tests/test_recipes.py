@@ -1,0 +1,63 @@
+"""Recipes: registry, metadata recomputed, user TOML recipes and their errors."""
+import pytest
+import torch
+from torch import nn
+
+from leanconv.errors import ConfigError
+from leanconv.measure import count
+from leanconv.recipes import LayerSpec, Method, Recipe, get_recipe, list_recipes, register
+
+NAMES = ["unravel-b4", "sic-m2", "sic5-m2", "sic-m3", "topo2d", "topo3d", "group4", "sic-topo2d",
+         "sic-bottleneck-half", "sic-bottleneck"]
+
+
+def test_builtin_recipes_are_registered():
+    assert [r.name for r in list_recipes()][:len(NAMES)] == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_expected_ratio_is_recomputed(name):
+    """The metadata ratio must equal the measured MACs of a converted 256->256 3x3 layer at 16x16."""
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(1, 256, 16, 16)
+    ratio = count(get_recipe(name).layer.build(conv), x).macs / count(conv, x).macs
+    assert ratio == pytest.approx(get_recipe(name).expected_ratio, abs=1e-5)
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ConfigError, match="already registered"):
+        register(Recipe("sic-m2", "again", LayerSpec(Method.SIC)))
+
+
+def test_unknown_recipe_suggests_close_names():
+    with pytest.raises(ConfigError, match="did you mean sic-m2"):
+        get_recipe("sic-m22")
+
+
+def test_toml_recipe_extends_builtin(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('extends = "sic-m2"\n[layer]\nkernel = 5\n[select]\nexclude = ["layer4.*"]\n')
+    r = get_recipe(str(f))
+    assert r.name == "mine" and r.layer.kernel == 5 and r.layer.depth == 2
+    assert r.select.exclude == ("layer4.*",)
+
+
+@pytest.mark.parametrize("text, field", [
+    ('extends = "sic-m2"\n[layer]\nkernal = 5\n', "layer.kernal"),
+    ('extends = "sic-m2"\n[layer]\nkernel = 4\n', "layer.kernel"),
+    ('extends = "sic-m2"\n[layer]\nmethod = "svd"\n', "layer.method"),
+    ('extends = "sic-m2"\n[calibration]\nimages = -3\n', "calibration.images"),
+    ('extends = "sic-m2"\nspeed = 3\n', "speed"),
+    ('extends = "nope"\n', "nope"),
+    ('extends = "sic-m2"\n[layer\n', "not valid TOML"),
+])
+def test_bad_toml_recipe_names_the_field(tmp_path, text, field):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        get_recipe(str(f))
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_recipe(str(tmp_path / "none.toml"))
