@@ -26,6 +26,15 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST is not installed")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is far faster than two fighting over a shared machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- tiny models and data
 
 
@@ -208,6 +217,17 @@ def test_unlabeled_data_and_dataloaders(tmp_path):
     assert result.history[0].ce is None and result.final.top1 is None and result.final.agreement is not None
 
 
+def test_bf16_autocast_and_channels_last_on_cpu():
+    teacher, student = models()
+    cfg = FinetuneConfig(**{**FAST, "epochs": 1}, amp="bf16", channels_last="on")
+    result = finetune(teacher, student, Augmented(), Augmented(32, seed=1), cfg, progress=False)
+    assert "bf16" in result.runtime and "channels_last" in result.runtime
+    assert math.isfinite(result.history[0].loss) and result.final.agreement is not None
+    assert student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match=r"finetune\.amp: fp16 needs a CUDA device"):
+        finetune(teacher, student, Augmented(), None, FinetuneConfig(**FAST, amp="fp16"), progress=False)
+
+
 def test_iterable_data_is_refused():
     class Stream(IterableDataset):
         def __iter__(self):
@@ -238,20 +258,21 @@ def _resumed(out: Path, cfg: FinetuneConfig):
     return weights(student), result
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_mid_epoch_then_resume_gives_identical_weights(tmp_path, workers):
+@pytest.mark.parametrize("workers, sig", [(0, signal.SIGINT), (2, signal.SIGTERM)])
+def test_signal_mid_epoch_then_resume_gives_identical_weights(tmp_path, workers, sig):
     expected, full = _uninterrupted(tmp_path, workers=workers)
     cfg = FinetuneConfig(**FAST, workers=workers)
 
     def kill(info):
-        if info.global_step == 3:  # inside epoch 1 (6 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if info.global_step == 3:  # inside epoch 1 (6 steps per epoch); the current step finishes first
+            os.kill(os.getpid(), sig)
 
     teacher, student = models()
-    with pytest.raises(Interrupted, match="SIGTERM.*epoch 1, step 4") as e:
+    with pytest.raises(Interrupted, match=f"{sig.name}.*epoch 1, step 4") as e:
         finetune(teacher, student, Augmented(), Augmented(32, seed=1), cfg, out_dir=tmp_path / "cut",
                  progress=False, on_step=kill)
-    assert e.value.signum == signal.SIGTERM
+    assert e.value.signum == sig
+    assert signal.getsignal(sig) is not None and not callable(getattr(signal.getsignal(sig), "__self__", None))
     got, result = _resumed(tmp_path / "cut", cfg)
     assert result.resumed_from == (0, 4)
     assert_same_weights(expected, got)  # CPU kernels are deterministic here: exact equality, not a tolerance
@@ -300,7 +321,8 @@ def _middle_of_largest_tensor(data: bytes) -> int:
     import struct
     import zipfile
 
-    info = max(zipfile.ZipFile(io.BytesIO(data)).infolist(), key=lambda i: i.file_size)
+    records = [i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if "/data/" in i.filename]  # storages
+    info = max(records, key=lambda i: i.file_size)
     name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
     return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
 
@@ -331,6 +353,10 @@ def test_checkpoint_of_another_model_recipe_or_setting_is_refused(finished):
     with pytest.raises(CheckpointError, match="recipe 'sic-m2'"):
         finetune(teacher, student, Augmented(), None, FinetuneConfig(**FAST), out_dir=finished, resume=True,
                  recipe="sic-m2", progress=False)
+    torch.manual_seed(7)
+    with pytest.raises(CheckpointError, match="original model's weights"):
+        finetune(Tiny(), student, Augmented(), None, FinetuneConfig(**FAST), out_dir=finished, resume=True,
+                 progress=False)
     with pytest.raises(CheckpointError, match=r"finetune\.lr was 0.05, is now 0.1"):
         finetune(teacher, student, Augmented(), None, FinetuneConfig(**{**FAST, "lr": 0.1}), out_dir=finished,
                  resume=True, progress=False)

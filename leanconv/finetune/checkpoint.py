@@ -24,11 +24,13 @@ def model_signature(model: nn.Module) -> dict[str, list]:
     return {k: [*v.shape, str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()}
 
 
-def fingerprint(model: nn.Module, recipe: str, trajectory: dict, batch_size: int, world_size: int,
-                steps_per_epoch: int) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint."""
-    return {"model": model_signature(model), "recipe": recipe, "config": trajectory, "batch_size": batch_size,
-            "world_size": world_size, "steps_per_epoch": steps_per_epoch}
+def fingerprint(model: nn.Module, original: nn.Module, recipe: str, trajectory: dict, batch_size: int,
+                world_size: int, steps_per_epoch: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the converted model's
+    structure, the original's weights, the recipe, the settings that shape the trajectory, the data."""
+    return {"model": model_signature(model), "original": checksum(original.state_dict()), "recipe": recipe,
+            "config": trajectory, "batch_size": batch_size, "world_size": world_size,
+            "steps_per_epoch": steps_per_epoch}
 
 
 def check_fingerprint(saved: dict, current: dict, path: Path, mid_epoch: bool) -> None:
@@ -52,6 +54,8 @@ def check_fingerprint(saved: dict, current: dict, path: Path, mid_epoch: bool) -
                          f"{key!r} exists only in {where})")
         key = next(k for k in ours if ours[k] != theirs[k])
         raise refuse(f"a different model ({key!r} is {ours[key]} here and {theirs[key]} in the checkpoint)")
+    if saved["original"] != current["original"]:
+        raise refuse("the original model's weights are not those it was distilled from")
     if saved["recipe"] != current["recipe"]:
         raise refuse(f"recipe {saved['recipe']!r} wrote it, this run is recipe {current['recipe']!r}")
     for k in sorted(set(saved["config"]) | set(current["config"])):
@@ -76,7 +80,8 @@ def _feed(h, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # a view: no copy of the bytes
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for k in sorted(obj, key=repr):

@@ -1,7 +1,6 @@
 """Evaluation during fine-tuning: top-1 / top-5 against labels and top-1 agreement with the original."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,20 +29,6 @@ class EvalMetrics:
         return cls(**d)
 
 
-def autocast(runtime: Runtime):
-    """The autocast context of this runtime (a no-op in full precision)."""
-    if runtime.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(runtime.device.type, dtype=runtime.amp_dtype)
-
-
-def to_device(x: Tensor, runtime: Runtime) -> Tensor:
-    x = x.to(runtime.device, non_blocking=True)
-    if runtime.channels_last and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: EvalData, runtime: Runtime,
              reference: Tensor | None = None) -> tuple[EvalMetrics, Tensor]:
@@ -62,8 +47,8 @@ def evaluate(model: nn.Module, data: EvalData, runtime: Runtime,
     local_preds = []
     with rng.isolated(runtime.device):
         for x, y in data:
-            with autocast(runtime):
-                logits = logits_of(model(to_device(x, runtime))).float()  # (N, C)
+            with runtime.autocast():
+                logits = logits_of(model(runtime.to_device(x))).float()  # (N, C)
             pred = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()  # (N, k)
             local_preds.append(pred[:, 0])
             counts[0] += len(x)

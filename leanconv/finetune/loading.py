@@ -8,6 +8,7 @@ global RNG, whose state the checkpoint keeps. With workers, every sample's RNGs 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -38,6 +39,19 @@ class SeededItems(Dataset):
         index, seed = key
         seed_all(seed)
         return self.dataset[index]
+
+
+class WorkerInit:
+    """Worker start-up: ignore SIGINT (Ctrl-C reaches the whole process group; the training process
+    turns it into a checkpoint and needs its workers alive for the step it finishes), then the user's."""
+
+    def __init__(self, user: Callable | None) -> None:
+        self.user = user
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.user is not None:
+            self.user(worker_id)
 
 
 class EpochSampler(DistributedSampler):
@@ -160,7 +174,7 @@ def _loader(dataset: Dataset, sampler: Sampler, s: LoaderSettings, runtime: Runt
     kwargs = {}
     if s.workers > 0:
         dataset = SeededItems(dataset)
-        kwargs = {"persistent_workers": True, "worker_init_fn": s.worker_init_fn}
+        kwargs = {"persistent_workers": True, "worker_init_fn": WorkerInit(s.worker_init_fn)}
     # a generator of its own, so that creating an iterator draws nothing from the global RNG
     return DataLoader(dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.workers,
                       collate_fn=s.collate_fn, pin_memory=runtime.device.type == "cuda", drop_last=drop_last,

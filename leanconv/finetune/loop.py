@@ -18,7 +18,7 @@ from leanconv.errors import ConfigError, NumericalError
 from leanconv.finetune import checkpoint as ckpt
 from leanconv.finetune import rng
 from leanconv.finetune.config import FinetuneConfig
-from leanconv.finetune.evaluate import EvalMetrics, autocast, evaluate, to_device
+from leanconv.finetune.evaluate import EvalMetrics, evaluate
 from leanconv.finetune.loading import EvalData, TrainData, default_workers
 from leanconv.finetune.losses import distillation_loss, logits_of
 from leanconv.finetune.optim import lr_at, make_optimizer, schedule_steps
@@ -173,8 +173,8 @@ class _Run:
         self.optimizer = make_optimizer(self.module, config)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
-        self.fingerprint = ckpt.fingerprint(self.module, recipe, config.trajectory(), self.train.batch_size,
-                                            rt.world_size, self.spe)
+        self.fingerprint = ckpt.fingerprint(self.module, self.teacher, recipe, config.trajectory(),
+                                            self.train.batch_size, rt.world_size, self.spe)
         self.pos = _Position()
         self.history: list[EpochMetrics] = []
         self.original: EvalMetrics | None = None
@@ -187,9 +187,8 @@ class _Run:
     def run(self, resume: bool) -> FinetuneResult:
         if resume:
             self._resume()
-        elif self.path is not None and self.path.exists():
-            raise ckpt.CheckpointError(f"{self.path} already exists; pass resume=True (--resume) to continue that "
-                                       f"run, or choose another output directory")
+        else:
+            self._refuse_existing()
         model = self.module
         if self.rt.distributed:  # constructing DDP broadcasts rank 0's parameters and buffers
             model = DistributedDataParallel(self.module, device_ids=[self.rt.device.index]
@@ -249,12 +248,12 @@ class _Run:
     def _step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[float, bool]:
         """One optimizer step. Returns the loss (mean over ranks) and whether any rank was asked to stop."""
         c, rt = self.config, self.rt
-        x = to_device(x, rt)
+        x = rt.to_device(x)
         y = y.to(rt.device, non_blocking=True) if y is not None else None
         lr = lr_at(self.pos.global_step, self.total, self.warmup, c.lr, c.final_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        with autocast(rt):
+        with rt.autocast():
             student = logits_of(model(x))
             with torch.no_grad():
                 teacher = logits_of(self.teacher(x))
@@ -324,6 +323,16 @@ class _Run:
         rngs = self.rt.all_gather_object(rng.capture(self.rt.device))
         if self.rt.is_main:
             ckpt.save(self.path, self._payload(rngs))
+
+    def _refuse_existing(self) -> None:
+        """A new run must not overwrite another run's checkpoint (rank 0 decides: only it may see the file)."""
+        error = None
+        if self.rt.is_main and self.path is not None and self.path.exists():
+            error = (f"{self.path} already exists; pass resume=True (--resume) to continue that run, or choose "
+                     f"another output directory")
+        error = self.rt.broadcast_object(error)
+        if error:
+            raise ckpt.CheckpointError(error)
 
     def _resume(self) -> None:
         if self.path is None:

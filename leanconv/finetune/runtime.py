@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,19 @@ class Runtime:
     @property
     def uses_scaler(self) -> bool:
         return self.amp_dtype is torch.float16
+
+    def autocast(self):
+        """The autocast context of forward passes (a no-op in full precision)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images on this device, channels_last when that is on."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}
