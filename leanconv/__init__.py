@@ -9,6 +9,6 @@ from leanconv.serialize import load, load_plan, save
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "ConversionPlan", "DataError", "LayerPlan", "LeanconvError", "ModelError",
-           "FinetuneConfig", "FinetuneResult", "Interrupted", "ModelSource", "NumericalError", "Recipe", "convert", "finetune", "get_recipe", "list_recipes", "load",
-           "load_plan", "save"]
+__all__ = ["CheckpointError", "ConfigError", "ConversionPlan", "DataError", "FinetuneConfig", "FinetuneResult",
+           "Interrupted", "LayerPlan", "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe",
+           "convert", "finetune", "get_recipe", "list_recipes", "load", "load_plan", "save"]

@@ -258,10 +258,10 @@ def _resumed(out: Path, cfg: FinetuneConfig):
     return weights(student), result
 
 
-@pytest.mark.parametrize("workers, sig", [(0, signal.SIGINT), (2, signal.SIGTERM)])
-def test_signal_mid_epoch_then_resume_gives_identical_weights(tmp_path, workers, sig):
-    expected, full = _uninterrupted(tmp_path, workers=workers)
-    cfg = FinetuneConfig(**FAST, workers=workers)
+@pytest.mark.parametrize("workers, sig, optimizer", [(0, signal.SIGINT, "sgd"), (2, signal.SIGTERM, "adamw")])
+def test_signal_mid_epoch_then_resume_gives_identical_weights(tmp_path, workers, sig, optimizer):
+    expected, full = _uninterrupted(tmp_path, workers=workers, optimizer=optimizer)
+    cfg = FinetuneConfig(**FAST, workers=workers, optimizer=optimizer)
 
     def kill(info):
         if info.global_step == 3:  # inside epoch 1 (6 steps per epoch); the current step finishes first

@@ -28,7 +28,9 @@ class Switch(str, enum.Enum):
     OFF = "off"
 
 
-# Fields that do not change the weights a run ends with: they may differ when a run is resumed.
+# Fields that may differ when a run is resumed (e.g. on other hardware). Changing them keeps the run
+# valid but not bit-identical to an uninterrupted one: amp and channels_last change rounding, and
+# workers switch augmentation between the global RNG stream (0) and per-sample seeds (> 0).
 OPERATIONAL_FIELDS = frozenset({"eval_every", "checkpoint_every_steps", "amp", "channels_last", "workers"})
 
 

@@ -303,7 +303,7 @@ class _Run:
         self._log(f"epoch {epoch + 1}: loss {entry.loss:.4f} (kd {entry.kd:.4f}"
                   f"{f', ce {entry.ce:.4f}' if entry.ce is not None else ''}), {entry.seconds:.1f}s"
                   f"{'; ' + _fmt(metrics) if metrics else ''}")
-        if self.rt.any(self.stop.requested):
+        if self.rt.any(self.stop.requested) and not last:  # after the last epoch, the run is simply done
             raise self._interrupted()
 
     # ------------------------------------------------------------------ checkpoints
