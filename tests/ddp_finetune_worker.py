@@ -27,6 +27,10 @@ val = Subset(fashion_mnist(train=False), range(128))
 cfg = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, checkpoint_every_steps=3)
 
 
+def say(text: str) -> None:
+    os.write(1, (text + "\n").encode())  # one write: lines of the two ranks must not interleave
+
+
 def build():
     torch.manual_seed(0)
     teacher = SmallResNet(widths=(8, 16, 32))
@@ -44,7 +48,7 @@ try:
     finetune(teacher, student, train, val, cfg, out_dir=out / f"rank{rank}", progress=False, on_step=term_on_rank1)
     raise SystemExit("expected an interruption")
 except Interrupted as e:
-    print(f"INTERRUPTED rank {rank}: {e}", flush=True)
+    say(f"INTERRUPTED rank {rank}: {e}")
 teacher, student = build()
 result = finetune(teacher, student, train, val, cfg, out_dir=out / f"rank{rank}", resume=True, progress=False)
 
@@ -57,10 +61,10 @@ def digest(model):
     return h.hexdigest()
 
 
-print(f"HASH {digest(student)} rank {rank}", flush=True)
+say(f"HASH {digest(student)} rank {rank}")
 resumed = student
 teacher, student = build()  # the same run, uninterrupted
 finetune(teacher, student, train, val, cfg, out_dir=out / f"full-rank{rank}", progress=False)
-print(f"FULL {digest(student)} rank {rank}", flush=True)
-print(f"RESULT rank {rank} resumed_from={result.resumed_from} steps={result.steps} "
-      f"agreement={result.final.agreement:.3f}", flush=True)
+say(f"FULL {digest(student)} rank {rank}")
+say(f"RESULT rank {rank} resumed_from={result.resumed_from} steps={result.steps} "
+      f"agreement={result.final.agreement:.3f}")
