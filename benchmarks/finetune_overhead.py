@@ -74,7 +74,8 @@ def main() -> None:
         times["bare"].append(bare(data, a.batch))
         times["finetune"].append(leanconv_loop(data, a.batch, a.checkpoint_every))
     b, f = statistics.median(times["bare"]), statistics.median(times["finetune"])
-    print(f"{steps} steps of batch {a.batch}, {a.threads} thread(s), checkpoint every {a.checkpoint_every or '-'} steps")
+    every = a.checkpoint_every or "-"
+    print(f"{steps} steps of batch {a.batch}, {a.threads} thread(s), checkpoint every {every} steps")
     for k, v in times.items():
         print(f"  {k:9s} median {statistics.median(v):.2f}s  ({', '.join(f'{x:.2f}' for x in v)})")
     print(f"  finetune / bare = {f / b:.3f}  ({1000 * (f - b) / steps:+.2f} ms per step)")

@@ -248,42 +248,48 @@ class _Run:
     def _step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[float, bool]:
         """One optimizer step. Returns the loss (mean over ranks) and whether any rank was asked to stop."""
         c, rt = self.config, self.rt
-        x = rt.to_device(x)
-        y = y.to(rt.device, non_blocking=True) if y is not None else None
         lr = lr_at(self.pos.global_step, self.total, self.warmup, c.lr, c.final_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        x = rt.to_device(x)
+        y = y.to(rt.device, non_blocking=True) if y is not None else None
         with rt.autocast():
             student = logits_of(model(x))
             with torch.no_grad():
                 teacher = logits_of(self.teacher(x))
         loss = distillation_loss(student, teacher, y, temperature=c.temperature, kd_weight=c.kd_weight,
                                  ce_weight=c.ce_weight, label_smoothing=c.label_smoothing)
+        # one collective per step: the losses of every rank, and whether any rank got a signal
         ce = loss.ce.detach() if loss.ce is not None else torch.zeros((), device=rt.device)
-        stats = torch.stack([loss.total.detach(), loss.kd.detach(), ce]).double()
-        flags = torch.tensor([float(loss.ce is not None), float(self.stop.requested)], device=rt.device,
-                             dtype=torch.float64)
-        total, kd, ce_sum, has_ce, stop = rt.all_reduce_sum(torch.cat([stats, flags])).tolist()
-        if not math.isfinite(total):
-            raise self._numerical(f"the loss became {total}")
+        flags = torch.tensor([float(loss.ce is not None), float(self.stop.requested)], device=rt.device)
+        stats = rt.all_reduce_sum(torch.cat([torch.stack([loss.total.detach(), loss.kd.detach(), ce]),
+                                             flags]).double()).tolist()
+        if not math.isfinite(stats[0]):
+            raise self._numerical(f"the loss became {stats[0]}")  # before the step: weights intact
+        self._backward_and_step(loss.total)
+        self._record(lr, *stats[:4])
+        return stats[0] / rt.world_size, stats[4] > 0
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.total).backward()
+        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip or math.inf)
-        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
-            raise self._numerical(f"the gradient norm became {norm.item()}")  # before the step: weights intact
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # fp16's scaler skips such steps
+            raise self._numerical(f"the gradient norm became {norm.item()}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        n = rt.world_size
-        sums = self.pos.sums
+
+    def _record(self, lr: float, total: float, kd: float, ce: float, ranks_with_ce: float) -> None:
+        """Add one step's losses (sums over ranks) to the epoch's running sums."""
+        n, sums = self.rt.world_size, self.pos.sums
         sums.steps += 1
         sums.loss += total / n
         sums.kd += kd / n
-        if has_ce:
-            sums.ce += ce_sum / has_ce
+        if ranks_with_ce:
+            sums.ce += ce / ranks_with_ce
             sums.ce_steps += 1
         sums.lr = lr
-        return total / n, stop > 0
 
     def _end_epoch(self, epoch: int, steps: int, last: bool, trained: bool) -> None:
         self.rt.broadcast_buffers(self.module)  # every rank evaluates and saves rank 0's BN statistics
