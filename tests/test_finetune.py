@@ -1,6 +1,7 @@
 """leanconv.finetune: distillation, schedule, exact resume, checkpoint safety, NaN handling, torchrun (gloo)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -206,6 +207,8 @@ def test_distillation_brings_a_converted_resnet_closer_to_the_original(tmp_path)
     assert result.original.images == 256 and result.original.top1 is not None and last.eval.top5 is not None
     assert result.steps == result.total_steps == 32 and not student.training
     assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "finetune.json"}
+    written = json.loads((tmp_path / "finetune.json").read_text())
+    assert written["history"] == json.loads(json.dumps(result.to_dict()))["history"]
 
 
 def test_unlabeled_data_and_dataloaders(tmp_path):
@@ -363,6 +366,15 @@ def test_checkpoint_of_another_model_recipe_or_setting_is_refused(finished):
     # operational settings may change on resume
     finetune(teacher, student, Augmented(), None, FinetuneConfig(**{**FAST, "checkpoint_every_steps": 7}),
              out_dir=finished, resume=True, progress=False)
+
+
+def test_an_epoch_cannot_be_resumed_with_another_number_of_processes(tmp_path):
+    _, model = models()
+    teacher, _ = models()
+    fp = {n: ckpt.fingerprint(model, teacher, "r", {"lr": 1}, 16, n, 6) for n in (1, 2)}
+    with pytest.raises(CheckpointError, match="inside an epoch with 2 processes"):
+        ckpt.check_fingerprint(fp[2], fp[1], tmp_path, mid_epoch=True)
+    ckpt.check_fingerprint(fp[2], fp[1], tmp_path, mid_epoch=False)  # at an epoch boundary it may change
 
 
 def test_existing_checkpoint_needs_resume_and_resume_needs_one(finished, tmp_path):
