@@ -42,14 +42,16 @@ class SeededItems(Dataset):
 
 
 class WorkerInit:
-    """Worker start-up: ignore SIGINT (Ctrl-C reaches the whole process group; the training process
-    turns it into a checkpoint and needs its workers alive for the step it finishes), then the user's."""
+    """Worker start-up, then the user's: ignore SIGINT (Ctrl-C reaches the whole process group; the
+    training process turns it into a checkpoint and needs its workers for the step it finishes), and
+    let SIGTERM kill again (a forked worker inherits the training process's stop-request handler)."""
 
     def __init__(self, user: Callable | None) -> None:
         self.user = user
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self.user is not None:
             self.user(worker_id)
 
@@ -174,7 +176,7 @@ def _loader(dataset: Dataset, sampler: Sampler, s: LoaderSettings, runtime: Runt
     kwargs = {}
     if s.workers > 0:
         dataset = SeededItems(dataset)
-        kwargs = {"persistent_workers": True, "worker_init_fn": WorkerInit(s.worker_init_fn)}
+        kwargs = {"worker_init_fn": WorkerInit(s.worker_init_fn)}
     # a generator of its own, so that creating an iterator draws nothing from the global RNG
     return DataLoader(dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.workers,
                       collate_fn=s.collate_fn, pin_memory=runtime.device.type == "cuda", drop_last=drop_last,

@@ -244,6 +244,7 @@ class _Run:
                     self._save()
         finally:
             bar.close()
+            batches.close()  # shuts the loader's workers down now, not whenever the iterator is collected
 
     def _step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[float, bool]:
         """One optimizer step. Returns the loss (mean over ranks) and whether any rank was asked to stop."""
