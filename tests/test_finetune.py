@@ -283,6 +283,51 @@ def test_signal_mid_epoch_then_resume_gives_identical_weights(tmp_path, workers,
            [h.to_dict() | {"seconds": 0} for h in full.history]
 
 
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import test_finetune as T
+from leanconv.finetune import FinetuneConfig, Interrupted, finetune
+
+def slow(info):
+    if info.global_step == 2:
+        print("READY", flush=True)
+    time.sleep(0.2)
+
+teacher, student = T.models()
+try:
+    finetune(teacher, student, T.Augmented(), T.Augmented(32, seed=1), FinetuneConfig(**T.FAST, workers=2),
+             out_dir={out!r}, progress=False, on_step=slow)
+except Interrupted as e:
+    print("INTERRUPTED", e, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_sigterm_to_a_whole_process_group_with_workers_then_resume_gives_identical_weights(tmp_path):
+    """As SLURM does: every process of the job, DataLoader workers included, gets the SIGTERM."""
+    expected, _ = _uninterrupted(tmp_path, workers=2)
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(ROOT / "tests"), out=str(out))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3 and "INTERRUPTED" in stdout, stdout + stderr[-3000:]
+    body = ckpt.load(out / ckpt.CHECKPOINT)
+    assert body["epoch"] == 0 and 0 < body["step"] < 6, "expected a checkpoint inside the first epoch"
+    got, result = _resumed(out, FinetuneConfig(**FAST, workers=2))
+    assert result.resumed_from == (0, body["step"])
+    assert_same_weights(expected, got)
+
+
 def test_crash_after_a_periodic_checkpoint_then_resume_gives_identical_weights(tmp_path):
     expected, _ = _uninterrupted(tmp_path, checkpoint_every_steps=4)
     cfg = FinetuneConfig(**{**FAST, "checkpoint_every_steps": 4})

@@ -42,16 +42,16 @@ class SeededItems(Dataset):
 
 
 class WorkerInit:
-    """Worker start-up, then the user's: ignore SIGINT (Ctrl-C reaches the whole process group; the
-    training process turns it into a checkpoint and needs its workers for the step it finishes), and
-    let SIGTERM kill again (a forked worker inherits the training process's stop-request handler)."""
+    """Worker start-up, then the user's: ignore SIGINT and SIGTERM. Ctrl-C (and SLURM's SIGTERM) reach
+    the whole process group; the training process turns them into a checkpoint and needs its workers
+    for the step it finishes. Workers still exit when told to, or when the training process dies."""
 
     def __init__(self, user: Callable | None) -> None:
         self.user = user
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.user is not None:
             self.user(worker_id)
 
