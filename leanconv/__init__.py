@@ -1,6 +1,7 @@
 """leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
 from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
+from leanconv.finetune import CheckpointError, FinetuneConfig, FinetuneResult, Interrupted, finetune
 from leanconv.models import ModelSource
 from leanconv.plan import ConversionPlan, LayerPlan
 from leanconv.recipes import Recipe, get_recipe, list_recipes
@@ -8,6 +9,6 @@ from leanconv.serialize import load, load_plan, save
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "ConversionPlan", "DataError", "LayerPlan", "LeanconvError", "ModelError",
-           "ModelSource", "NumericalError", "Recipe", "convert", "get_recipe", "list_recipes", "load",
-           "load_plan", "save"]
+__all__ = ["CheckpointError", "ConfigError", "ConversionPlan", "DataError", "FinetuneConfig", "FinetuneResult",
+           "Interrupted", "LayerPlan", "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe",
+           "convert", "finetune", "get_recipe", "list_recipes", "load", "load_plan", "save"]
