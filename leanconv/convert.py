@@ -15,11 +15,12 @@ from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
 from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
 from leanconv.plan import ConversionPlan, LayerPlan
-from leanconv.recipes import Recipe, Selection, get_recipe
+from leanconv.recipes import LayerSpec, Recipe, Selection, get_recipe
 
 
 def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs: Tensor | tuple | None = None, *,
-            select: Selection | None = None, source: ModelSource | None = None, inplace: bool = False,
+            select: Selection | None = None, layers: dict[str, LayerSpec | None] | None = None,
+            source: ModelSource | None = None, inplace: bool = False,
             progress: bool = False) -> tuple[nn.Module, ConversionPlan]:
     """Replace the dense k x k convs of ``model`` with the layers of ``recipe``.
 
@@ -29,6 +30,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         example_inputs: one batch ``(B, C, H, W)`` (or a tuple of forward arguments) at the size
             the network will run at; it sets shapes and the MAC counts.
         select: overrides the recipe's selection of convs.
+        layers: per-layer choices (e.g. from the budget solver): a LayerSpec for a selected conv,
+            or None to keep it; selected convs not named use the recipe's spec.
         source: how to build the base model again (for ``save``/``load``); inferred for
             torchvision models when not given.
         inplace: convert ``model`` itself instead of a copy.
@@ -52,10 +55,17 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
     replacements: dict[str, nn.Module] = {}
     reasons: dict[str, str] = {c.site.name: c.reason for c in candidates if c.reason}
     todo = [c.site for c in candidates if c.selected]
+    specs = {s.name: (layers or {}).get(s.name, recipe.layer) for s in todo}
+    for name in (layers or {}):
+        if name not in specs:
+            raise ConfigError(f"per-layer choice for {name!r}, which is not a selected conv of the model")
     for site in tqdm(todo, desc=f"convert ({recipe.name})", disable=not progress, leave=False):
         conv = target.get_submodule(site.name)
+        if specs[site.name] is None:
+            reasons[site.name] = "kept by the per-layer choice (budget solver)"
+            continue
         try:
-            new = recipe.layer.build(conv, _shift(facts, site, target))
+            new = specs[site.name].build(conv, _shift(facts, site, target))
             _check_shape(new, site)
         except ConfigError as e:
             reasons[site.name] = str(e)
@@ -70,11 +80,11 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                          f"a converted conv's attributes outside its forward. Keep that conv with an exclude "
                          f"pattern (--exclude NAME)") from e
 
-    layers = tuple(_layer_plan(c.site, recipe, before, after, replacements.get(c.site.name),
-                               reasons.get(c.site.name)) for c in candidates)
+    rows = tuple(_layer_plan(c.site, specs.get(c.site.name) or recipe.layer, before, after,
+                             replacements.get(c.site.name), reasons.get(c.site.name)) for c in candidates)
     shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
     source = source or infer_source(model)
-    plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, layers,
+    plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, rows,
                           facts.traced, note, recipe.to_dict(), source.to_dict() if source else None)
     return target, plan
 
@@ -103,7 +113,7 @@ def _check_shape(new: nn.Module, site: ConvSite) -> None:
                          f"the conv gives {site.output_shape}; this is a leanconv bug")
 
 
-def _layer_plan(site: ConvSite, recipe: Recipe, before: Complexity, after: Complexity,
+def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,
                 new: nn.Module | None, reason: str | None) -> LayerPlan:
     g = site.geometry
     macs_b = before.macs_under(site.name)
@@ -112,8 +122,8 @@ def _layer_plan(site: ConvSite, recipe: Recipe, before: Complexity, after: Compl
     params_a = sum(p.numel() for p in new.parameters()) if new is not None else params_b
     return LayerPlan(
         name=site.name,
-        method=recipe.layer.method.value if new is not None else "keep",
-        params=recipe.layer.params() if new is not None else {},
+        method=spec.method.value if new is not None else "keep",
+        params=spec.params() if new is not None else {},
         in_channels=g.in_channels if g else 0, out_channels=g.out_channels if g else 0,
         kernel_size=list(g.kernel_size) if g else [], stride=list(g.stride) if g else [],
         input_shape=list(site.input_shape) if site.input_shape else None,
