@@ -135,6 +135,109 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _setup_run(p):
+    add_model_args(p)
+    p.add_argument("--recipe", default="sic-m2", help="built-in recipe name or a .toml file (default sic-m2)")
+    add_select_args(p)
+    p.add_argument("--data", required=True, help="imagefolder:PATH (with train/ and val/) or fashion-mnist[:PATH]")
+    p.add_argument("--out", help="run directory (default: the --resume directory)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue an interrupted run (in DIR, or in --out)")
+    p.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (recipe's default; 0 = none)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate (recipe's default)")
+    p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size per process")
+    p.add_argument("--calib-images", type=int, default=None, help="calibration images (recipe's default)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip calibration (data-free start only)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="pick per-layer methods for a budget: a fraction of the original's MACs (e.g. 0.3) "
+                        "or an absolute count (e.g. 1.2e9)")
+    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N validation images")
+    p.add_argument("--batches", default="1,32", help="batch sizes of the latency report (default 1,32)")
+
+
+def run_config(args, recipe=None):
+    import dataclasses
+
+    import leanconv
+    from leanconv.pipeline import RunConfig
+
+    out = args.out or (args.resume if isinstance(args.resume, str) else None)
+    if not out:
+        raise ConfigError("give the run directory with --out DIR (or --resume DIR)")
+    if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
+        raise ConfigError(f"--resume {args.resume} and --out {args.out} name different directories")
+    recipe = recipe or leanconv.get_recipe(args.recipe)
+    ft = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+          if v is not None}
+    cal = {"images": args.calib_images} if args.calib_images is not None else {}
+    recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, **ft),
+                                 calibration=dataclasses.replace(recipe.calibration, **cal))
+    return RunConfig(model_source(args), recipe, args.data, Path(out), args.input_size, args.in_chans,
+                     selection(args, recipe), args.target_macs, args.train_images, args.eval_images,
+                     parse_batches(args.batches), calibrate=not args.no_calibrate)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--batches expects sizes separated by commas, e.g. 1,32; got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batches must be positive, got {text!r}")
+    return batches
+
+
+@command("run", "convert, calibrate, fine-tune and report, in a resumable run directory")(_setup_run)
+def cmd_run(args) -> int:
+    from leanconv.pipeline import run
+
+    report = run(run_config(args), resume=bool(args.resume))
+    if report is not None:
+        print("\n" + report.summary())
+    return 0
+
+
+def _setup_report(p):
+    p.add_argument("dir", help="a finished run directory, or a `leanconv convert` output directory")
+    p.add_argument("--data", default=None, help="validation data for accuracy (default: the run's)")
+    p.add_argument("--batches", default=None, help="latency batch sizes (default: the run's, or 1,32)")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N validation images")
+
+
+@command("report", "measure a run: MACs, params, latency, accuracy; writes report.json/.md/.png")(_setup_report)
+def cmd_report(args) -> int:
+    from leanconv.pipeline import report_directory
+
+    report = report_directory(args.dir, data=args.data, batches=parse_batches(args.batches) if args.batches else None,
+                              eval_images=args.eval_images)
+    print(report.summary())
+    print(f"written: {Path(args.dir) / 'report.json'}, report.md, report.png")
+    return 0
+
+
+def _setup_demo(p):
+    p.add_argument("--data", default=None, help="folder with Fashion-MNIST's four .gz files "
+                                                "(default: Debian's /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--recipe", default="sic-m2", help="recipe to demonstrate (default sic-m2)")
+    p.add_argument("--quick", action="store_true", help="a shortened run (a few minutes less; used by CI)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+
+
+@command("demo", "the whole job on Fashion-MNIST: teacher (cached), convert, calibrate, fine-tune, report")(_setup_demo)
+def cmd_demo(args) -> int:
+    import dataclasses
+
+    from leanconv.demo import DemoConfig, demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = dataclasses.replace(cfg, recipe=args.recipe)
+    out = args.out if not args.quick or args.out != "runs/demo" else "runs/demo-quick"
+    demo(out, args.data, cfg, resume=args.resume)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
