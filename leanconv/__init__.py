@@ -2,6 +2,7 @@
 from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
 from leanconv.models import ModelSource
+from leanconv.optimize import implementation_choices, optimize
 from leanconv.plan import ConversionPlan, LayerPlan
 from leanconv.recipes import Recipe, get_recipe, list_recipes
 from leanconv.serialize import load, load_plan, save
@@ -9,5 +10,5 @@ from leanconv.serialize import load, load_plan, save
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "ConversionPlan", "DataError", "LayerPlan", "LeanconvError", "ModelError",
-           "ModelSource", "NumericalError", "Recipe", "convert", "get_recipe", "list_recipes", "load",
-           "load_plan", "save"]
+           "ModelSource", "NumericalError", "Recipe", "convert", "get_recipe", "implementation_choices",
+           "list_recipes", "load", "load_plan", "optimize", "save"]
