@@ -177,9 +177,10 @@ def batched_matmul(x: Tensor, mats: Tensor, plan: BandPlan) -> Tensor:
 # --------------------------------------------------------------------------- any kernel: grouped conv
 
 
-def window_channels(x: Tensor, plan: BandPlan) -> Tensor:
+def window_channels(x: Tensor, plan: BandPlan, strided: bool = True) -> Tensor:
     """Copy every tile's input window out of ``x`` ``(B, in, H, W)``: ``(B, tiles*width, H, W)``,
-    channels_last, tile j's window at channels ``[j*width, (j+1)*width)``."""
+    channels_last, tile j's window at channels ``[j*width, (j+1)*width)``. ``strided`` copies
+    through one overlapping view (fastest); otherwise an index_select (exportable)."""
     b, n, h, w = x.shape
     xl = x.permute(0, 2, 3, 1)  # (B, H, W, in)
     if plan.pad:
@@ -187,7 +188,7 @@ def window_channels(x: Tensor, plan: BandPlan) -> Tensor:
     idx = (torch.tensor(plan.starts, device=x.device)[:, None]
            + torch.arange(plan.width, device=x.device)[None, :]).reshape(-1)  # (T*width,)
     step = plan.step
-    if step is not None and xl.is_contiguous():
+    if strided and step is not None and xl.is_contiguous():
         win = xl.as_strided((b, h, w, plan.tiles, plan.width),
                             (xl.stride(0), xl.stride(1), xl.stride(2), step, 1),
                             xl.storage_offset() + plan.starts[0]).reshape(b, h, w, -1)  # copy

@@ -74,3 +74,14 @@ def dense_op(op: InferenceOp) -> ConvOp | None:
         return None
     weight, bias, g = found
     return ConvOp(weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"], g["padding_mode"]).epilogue_from(op)
+
+
+def densify_topology(model: nn.Module) -> nn.Module:
+    """Replace every TopoOp by the dense conv it equals (in place): one standard Conv per
+    topological layer for exporters; exact, but the missing connections are multiplied by zero."""
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, TopoOp):
+                setattr(m, child_name, dense_op(child)) if not isinstance(m, nn.ModuleList) else \
+                    m.__setitem__(int(child_name), dense_op(child))
+    return model

@@ -217,8 +217,9 @@ class TopoOp(InferenceOp):
         x2 = x.permute(0, 2, 3, 1).reshape(p, -1)  # (P, in); a view for channels_last input
         if not self.in_identity:
             x2 = x2.index_select(1, self.in_perm)
-        if self.impl is TopoImpl.BATCHED or not fused_path(x):
-            y2 = self._portable(x2)  # (P, out) grid order
+        eager = fused_path(x)
+        if self.impl is TopoImpl.BATCHED or not eager:
+            y2 = self._matmuls(x2, batched=eager)  # (P, out) grid order
             if not self.out_identity:
                 y2 = y2.index_select(1, self.out_inv)
             y = (y2 + self.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
@@ -248,10 +249,11 @@ class TopoOp(InferenceOp):
 
         return bands_matmul(x2, self.packed, self.plan, acc)
 
-    def _portable(self, x2: Tensor) -> Tensor:
-        """Grid-order (P, out) without bias, from slices, matmuls and one concat (exportable)."""
+    def _matmuls(self, x2: Tensor, batched: bool) -> Tensor:
+        """Grid-order (P, out) without bias: one bmm over strided windows (eager BATCHED), else
+        slices, matmuls and one concat (exportable)."""
         plan = self.plan
-        if self.impl is TopoImpl.BATCHED and plan.step is not None and not torch.compiler.is_compiling():
+        if batched and self.impl is TopoImpl.BATCHED and plan.step is not None:
             from leanconv.layers.topo_impl import batched_matmul
 
             return batched_matmul(x2.contiguous(), self.packed, plan)
@@ -261,7 +263,7 @@ class TopoOp(InferenceOp):
 
     def _grouped(self, x: Tensor, residual: Tensor | None) -> Tensor:
         xg = x if self.in_identity else x.index_select(1, self.in_perm)
-        win = window_channels(xg, self.plan)  # (B, T*width, H, W)
+        win = window_channels(xg, self.plan, strided=fused_path(x))  # (B, T*width, H, W)
         if self.out_identity:
             return conv_epilogue(win, self.packed, self.bias_grid, self.stride, self.padding, self.dilation,
                                  self.plan.tiles, residual, self.res_scale, self.relu)
