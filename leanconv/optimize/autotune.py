@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from leanconv.measure.latency import time_interleaved
+from leanconv.measure.timing import time_interleaved
 from leanconv.optimize.freeze import alternatives
 from leanconv.optimize.ops import InferenceOp, StackOp
 

@@ -1,4 +1,4 @@
-"""Wall-clock latency: several callables timed interleaved in one process, after warm-up."""
+"""Interleaved timing of callables (ops, implementations): samples per callable, after warm-up."""
 from __future__ import annotations
 
 import statistics
@@ -11,7 +11,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class Timing:
+class Samples:
     """Seconds per call of one callable over ``len(samples)`` interleaved repeats."""
 
     samples: tuple[float, ...]
@@ -39,7 +39,7 @@ def _sync(device: torch.device | None) -> None:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-                     device: torch.device | None = None, budget_s: float | None = None) -> dict[str, Timing]:
+                     device: torch.device | None = None, budget_s: float | None = None) -> dict[str, Samples]:
     """Time each callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
 
     Interleaving puts every callable under the same machine load, so ratios stay meaningful on a
@@ -53,7 +53,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 10,
         budget_s: stop after the round in which this many seconds of timing were spent
             (at least 3 rounds are kept when ``repeats`` allows).
     Returns:
-        name -> Timing.
+        name -> Samples.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -70,7 +70,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 10,
             samples[name].append(time.perf_counter() - t)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return {k: Timing(tuple(v)) for k, v in samples.items()}
+    return {k: Samples(tuple(v)) for k, v in samples.items()}
 
 
 @contextmanager
