@@ -87,6 +87,16 @@ def compiled_times(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> 
                                                          repeats, warmup).items()}
 
 
+def cuda_speedup(orig: torch.nn.Module, conv: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Eager speedup on the first CUDA device (the CPU-optimized models, moved there)."""
+    dev = torch.device("cuda")
+    models = {k: copy.deepcopy(m).to(dev) for k, m in (("orig", orig), ("conv", conv))}
+    xd = x.to(dev, memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = time_interleaved({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, 3, device=dev)
+    return t["orig"].median / t["conv"].median
+
+
 def layer_breakdown(orig: torch.nn.Module, conv: torch.nn.Module, plan, x: torch.Tensor, repeats: int) -> list[dict]:
     """Per converted site: milliseconds inside that module in the original and converted models."""
     sites = [l for l in plan.layers if l.converted]
@@ -148,7 +158,8 @@ def main() -> int:
     log(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"{a.threads} threads, input {a.size}x{a.size}")
     header = ("| model | batch | recipe | MACs conv/orig | theoretical | eager orig ms | eager conv ms | eager speedup "
-              "| realized | ORT speedup | ORT realized |" + (" compile speedup |" if a.compile else "") + " max rel err |")
+              "| realized | ORT speedup | ORT realized |" + (" compile speedup |" if a.compile else "")
+              + (" CUDA speedup |" if a.cuda else "") + " max rel err |")
     if not a.layers:
         print(header)
         print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
@@ -191,18 +202,21 @@ def main() -> int:
                 ort = None if a.no_onnx else ort_times({"orig": orig, "conv": conv}, x, a.threads, reps, 2, tmp)
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
                 comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1) if a.compile else None
+                gpu = cuda_speedup(orig, conv, x, reps) if a.cuda and torch.cuda.is_available() else None
                 row = {"model": name, "batch": batch, "recipe": recipe, "mac_ratio": plan.mac_ratio,
                        "theoretical": theory, "eager_orig_ms": tm["orig"].median * 1e3,
                        "eager_conv_ms": tm["conv"].median * 1e3, "eager_speedup": eager,
                        "eager_min_speedup": tm["orig"].min / tm["conv"].min, "realized": eager / theory,
                        "ort_speedup": ort_sp, "ort_realized": ort_sp / theory if ort_sp else None,
                        "compile_speedup": comp["orig"] / comp["conv"] if comp else None, "max_rel_err": err,
+                       "cuda_speedup": gpu,
                        "threads": a.threads, "size": a.size,
                        "choices": [c.to_dict() for c in leanconv.implementation_choices(conv)]}
                 f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
                 print(f"| {name} | {batch} | {recipe} | {plan.mac_ratio:.3f} | {theory:.2f} | {f(row['eager_orig_ms'], 1)} | "
                       f"{f(row['eager_conv_ms'], 1)} | {eager:.2f} | {eager / theory:.2f} | {f(ort_sp)} | "
                       f"{f(row['ort_realized'])} |" + (f" {f(row['compile_speedup'])} |" if a.compile else "")
+                      + (f" {f(gpu)} |" if a.cuda else "")
                       + f" {err:.1e} |", flush=True)
                 if a.json:
                     with open(a.json, "a") as fh:
