@@ -62,8 +62,8 @@ def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
         if dense is not None:
             out.append(dense)
     elif isinstance(op, BottleneckOp):
-        out = [BottleneckOp(op.down, p, op.up_weight, op.bias, op.k, op.offset).epilogue_from(op)
-               for p in alternatives(op.project, max_plans)]
+        out = [BottleneckOp(op.down, p, op.up_weight, op.bias, op.k, op.offset, up).epilogue_from(op)
+               for p in alternatives(op.project, max_plans) for up in ("deconv", "expand")]
     return out
 
 

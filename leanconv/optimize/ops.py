@@ -346,12 +346,12 @@ class BottleneckOp(InferenceOp):
     """
 
     def __init__(self, down: ConvOp, project: InferenceOp, up_weight: Tensor, bias: Tensor | None, k: int,
-                 offset: int) -> None:
+                 offset: int, up_impl: str = "deconv") -> None:
         super().__init__()
         self.down, self.project = down, project
         self.register_buffer("up_weight", up_weight.detach().clone().contiguous())  # (C, 1, k, k)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else up_weight.new_zeros(up_weight.shape[0]))
-        self.k, self.offset = k, offset
+        self.k, self.offset, self.up_impl = k, offset, up_impl  # up_impl: "deconv" | "expand"
         self.down.padding = (offset, offset)
         self.relu = False
         self.register_buffer("res_scale", None)
@@ -371,20 +371,33 @@ class BottleneckOp(InferenceOp):
         if not direct:  # offset 0 with a size not divisible by k: the trailing pad is one-sided
             x = F.pad(x, (0, LF.bottleneck_padding(w, k, 0), 0, LF.bottleneck_padding(h, k, 0)))
         z = self.project(self.down(x))
-        rh, rw = z.shape[-2:]
-        out_pad = (2 * off + h - rh * k, 2 * off + w - rw * k) if direct else (0, 0)
-        y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
-        if not direct:
-            y = y[..., :h, :w]
+        if self.up_impl == "expand":
+            y = self._expand(z)[..., off:off + h, off:off + w]  # a view: the crop costs nothing
+        else:
+            rh, rw = z.shape[-2:]
+            out_pad = (2 * off + h - rh * k, 2 * off + w - rw * k) if direct else (0, 0)
+            y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
+            if not direct:
+                y = y[..., :h, :w]
+        fresh = self.up_impl == "deconv"  # else y is a crop view: materialize it once
         if residual is not None:
             if self.res_scale is not None:
                 residual = residual * self.res_scale.view(1, -1, 1, 1)
-            if self.relu and fused_path(y) and y.is_contiguous(memory_format=torch.channels_last):
-                return torch.ops.aten._add_relu_(y, residual)
-            y = y.add_(residual) if fused_path(y) else y + residual
+            y = y.add_(residual) if fresh else torch.add(y, residual)
+            fresh = True
         if self.relu:
-            return y.relu_() if fused_path(y) else F.relu(y)
-        return y
+            return y.relu_() if fresh else F.relu(y)
+        return y if fresh else y.contiguous(memory_format=torch.channels_last)
+
+    def _expand(self, z: Tensor) -> Tensor:
+        """The stride-k depthwise transposed conv as one broadcast multiply-add (no oneDNN deconv):
+        each reduced pixel times its channel's k x k filter, plus bias. ``(B, C, rh*k, rw*k)``."""
+        b, c, rh, rw = z.shape
+        k = self.k
+        zl = z.permute(0, 2, 3, 1).reshape(b, rh, 1, rw, 1, c)  # (B, rh, 1, rw, 1, C)
+        wl = self.up_weight[:, 0].permute(1, 2, 0).reshape(1, 1, k, 1, k, c)  # (1, 1, k, 1, k, C)
+        y = torch.addcmul(self.bias, zl, wl)  # (B, rh, k, rw, k, C)
+        return y.reshape(b, rh * k, rw * k, c).permute(0, 3, 1, 2)  # channels_last
 
     @torch.no_grad()
     def scale_output(self, a: Tensor, b: Tensor) -> None:
@@ -395,7 +408,7 @@ class BottleneckOp(InferenceOp):
         self.down.scale_input(s)
 
     def impl_name(self) -> str:
-        return f"bottleneck({self.down.impl_name()}+{self.project.impl_name()}+deconv)"
+        return f"bottleneck({self.down.impl_name()}+{self.project.impl_name()}+{self.up_impl})"
 
 
 class StackOp(nn.Module):
