@@ -169,9 +169,13 @@ def test_bottleneck_without_pad_copies_is_exact(size, offset):
         for p in layer.parameters():
             p.normal_()
     x = torch.randn(2, 16, size, size)
-    op = freeze(layer)
+    res = torch.randn(2, 16, size, size)
     with torch.no_grad():
-        assert rel_err(op(x.to(memory_format=torch.channels_last)), layer(x)) < 1e-5
+        ref = layer(x)
+        for alt in alternatives(freeze(layer)):  # oneDNN deconv, and a broadcast multiply-add
+            assert rel_err(alt(x.to(memory_format=torch.channels_last)), ref) < 1e-5, alt.impl_name()
+            alt.relu = True
+            assert rel_err(alt(x, res), F.relu(ref + res)) < 1e-5, alt.impl_name()
 
 
 def test_every_alternative_is_exact_and_choice_is_recorded():
