@@ -383,6 +383,8 @@ class BottleneckOp(InferenceOp):
         if residual is not None:
             if self.res_scale is not None:
                 residual = residual * self.res_scale.view(1, -1, 1, 1)
+            if self.relu and fused_path(y):  # add and ReLU in one pass
+                return torch.ops.aten._add_relu_(y, residual) if fresh else torch.ops.aten._add_relu(y, residual)
             y = y.add_(residual) if fresh else torch.add(y, residual)
             fresh = True
         if self.relu:
