@@ -64,10 +64,11 @@ def input_shapes(model: nn.Module, example_inputs: tuple, names: list[str]) -> d
 
 @torch.no_grad()
 def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: int = 1,
-           channels_last: bool = True) -> list[ImplChoice]:
+           channels_last: bool = True, budget_s: float = 3.0) -> list[ImplChoice]:
     """Swap every tunable op for its fastest exact alternative (in place); returns what was measured.
 
-    Ops that have one implementation only are not timed.
+    Ops that have one implementation only are not timed. Each op's timing stops after
+    ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow.
     """
     found = units(model)
     targets = {name: (container, i) for name, container, i in found}
@@ -86,7 +87,7 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         if has_res:
             res = torch.randn(cands[0](x).shape, device=x.device, dtype=x.dtype).to(memory_format=fmt)
         fns = {str(k): (lambda c=c: c(x, res)) for k, c in enumerate(cands)}
-        timed = time_interleaved(fns, repeats=repeats, warmup=warmup, device=x.device)
+        timed = time_interleaved(fns, repeats=repeats, warmup=warmup, device=x.device, budget_s=budget_s)
         best = min(range(len(cands)), key=lambda k: timed[str(k)].min)
         chosen = cands[best]
         chosen.tuned = tuple((c.impl_name(), timed[str(k)].min) for k, c in enumerate(cands))
