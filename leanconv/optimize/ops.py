@@ -396,9 +396,15 @@ class BottleneckOp(InferenceOp):
         each reduced pixel times its channel's k x k filter, plus bias. ``(B, C, rh*k, rw*k)``."""
         b, c, rh, rw = z.shape
         k = self.k
-        zl = z.permute(0, 2, 3, 1).reshape(b, rh, 1, rw, 1, c)  # (B, rh, 1, rw, 1, C)
-        wl = self.up_weight[:, 0].permute(1, 2, 0).reshape(1, 1, k, 1, k, c)  # (1, 1, k, 1, k, C)
-        y = torch.addcmul(self.bias, zl, wl)  # (B, rh, k, rw, k, C)
+        zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
+        if fused_path(z):  # one strided write per phase: far faster than a 6-D broadcast in eager
+            y = z.new_empty(b, rh, k, rw, k, c)
+            for i in range(k):
+                for j in range(k):
+                    torch.addcmul(self.bias, zl, self.up_weight[:, 0, i, j], out=y[:, :, i, :, j, :])
+        else:
+            wl = self.up_weight[:, 0].permute(1, 2, 0).reshape(1, 1, k, 1, k, c)  # (1, 1, k, 1, k, C)
+            y = torch.addcmul(self.bias, zl.reshape(b, rh, 1, rw, 1, c), wl)  # (B, rh, k, rw, k, C)
         return y.reshape(b, rh * k, rw * k, c).permute(0, 3, 1, 2)  # channels_last
 
     @torch.no_grad()
