@@ -75,3 +75,15 @@ def test_cli_export(tmp_path, capsys):
     assert rc == 0 and onnx_path.is_file() and prog_path.is_file()
     assert "max abs diff" in capsys.readouterr().out
     assert main(["export", "--onnx", str(onnx_path)]) == 2  # neither --from nor --model
+
+
+def test_cli_export_from_saved_run(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from leanconv.models import ModelSource
+
+    source = ModelSource("leanconv.demo.teacher:fmnist_resnet", {"width": 8})
+    model, plan = leanconv.convert(source.build().eval(), "sic-topo2d", torch.randn(1, 1, 28, 28), source=source)
+    leanconv.save(model, plan, tmp_path / "run")
+    rc = main(["export", "--from", str(tmp_path / "run"), "--in-chans", "1", "--input-size", "28",
+               "--onnx", str(tmp_path / "run.onnx")])
+    assert rc == 0 and "max abs diff" in capsys.readouterr().out

@@ -207,3 +207,25 @@ def test_optimize_does_not_touch_the_input_model():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+def test_untraceable_model_keeps_its_norms_and_warns():
+    model = randomize_norms(Untraceable())
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.warns(UserWarning, match="unfolded"):
+        opt = leanconv.optimize(model, x, repeats=1)
+    assert isinstance(opt.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-6
