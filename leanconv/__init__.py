@@ -3,6 +3,7 @@ from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
 from leanconv.finetune import CheckpointError, FinetuneConfig, FinetuneResult, Interrupted, finetune
 from leanconv.models import ModelSource
+from leanconv.optimize import implementation_choices, optimize
 from leanconv.plan import ConversionPlan, LayerPlan
 from leanconv.recipes import Recipe, get_recipe, list_recipes
 from leanconv.serialize import load, load_plan, save
@@ -11,4 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "ConversionPlan", "DataError", "FinetuneConfig", "FinetuneResult",
            "Interrupted", "LayerPlan", "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe",
-           "convert", "finetune", "get_recipe", "list_recipes", "load", "load_plan", "save"]
+           "convert", "finetune", "get_recipe", "implementation_choices", "list_recipes", "load", "load_plan",
+           "optimize", "save"]

@@ -235,6 +235,50 @@ def cmd_demo(args) -> int:
     cfg = dataclasses.replace(cfg, recipe=args.recipe)
     out = args.out if not args.quick or args.out != "runs/demo" else "runs/demo-quick"
     demo(out, args.data, cfg, resume=args.resume)
+def _setup_export(p):
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--from", dest="run", help="a saved converted model directory (leanconv convert --out)")
+    src.add_argument("--model", help="or a base model: torchvision:NAME, timm:NAME or package.module:factory")
+    src.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="keyword argument of the model builder (repeatable)")
+    src.add_argument("--weights", help="torchvision weights name")
+    src.add_argument("--checkpoint", help="state-dict file for --model")
+    p.add_argument("--input-size", type=int, default=224, help="square input size (default 224)")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--onnx", metavar="FILE", help="write ONNX here (checked against onnxruntime when installed)")
+    p.add_argument("--program", metavar="FILE", help="write a torch.export program here (.pt2)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--topo-tiles", action="store_true",
+                   help="ONNX: topological layers as tiles of matmuls (default: one dense conv each)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed vs onnxruntime")
+
+
+@command("export", "export a model, optimized for inference, to ONNX and/or torch.export")(_setup_export)
+def cmd_export(args) -> int:
+    import leanconv
+    from leanconv.export import export_onnx, export_program
+
+    if bool(args.run) == bool(args.model):
+        raise ConfigError("give exactly one of --from DIR or --model SPEC")
+    if not (args.onnx or args.program):
+        raise ConfigError("nothing to write: give --onnx FILE and/or --program FILE")
+    if args.run:
+        model = leanconv.load(args.run)
+    else:
+        args.checkpoint = args.checkpoint if args.checkpoint else None
+        model = model_source(args).build()
+    model.eval()
+    x = example_inputs(args)
+    if args.onnx:
+        res = export_onnx(model, x, args.onnx, check=not args.no_check, atol=args.atol, topo_tiles=args.topo_tiles)
+        diff = "not checked (onnxruntime missing or --no-check)" if res.max_abs_diff is None else \
+            f"max abs diff vs onnxruntime {res.max_abs_diff:.2e}"
+        print(f"wrote {res.path} (opset {res.opset}); {diff}")
+    if args.program:
+        prog = export_program(model, x)
+        Path(args.program).parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(prog, args.program)
+        print(f"wrote {args.program} (torch.export program)")
     return 0
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from leanconv.errors import ConfigError
 from leanconv.layers import functional as LF
 from leanconv.layers.functional import pair
+from leanconv.layers.topo_impl import TILED, TopoImpl, band_candidates, band_plan, topo_conv
 
 # Paper Table 4: (channels, grid rank) -> (grid dims, neighbourhood). 2-D keeps 1/4 of the
 # connections, 3-D 15/64.
@@ -134,6 +135,7 @@ class TopoConv2d(nn.Module):
         self.register_buffer("in_perm", torch.arange(in_channels, device=device))
         self.register_buffer("out_perm", torch.arange(out_channels, device=device))
         self.register_buffer("neighbours", topology.neighbours().to(device), persistent=False)
+        self.impl, self.plan = TopoImpl.GATHER, None  # how forward computes (see set_impl)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     # ---------------------------------------------------------------- structure
@@ -178,6 +180,23 @@ class TopoConv2d(nn.Module):
             self.load_dense(dense)
 
     # ---------------------------------------------------------------- forward
+    def set_impl(self, impl: TopoImpl | str, tile: int | None = None) -> "TopoConv2d":
+        """Choose how forward computes (all exact; see ``topo_impl``). ``tile`` sets the outputs
+        per tile of the tiled implementations (default: the fewest multiplied connections)."""
+        impl = TopoImpl(impl)
+        plan = None
+        if impl in TILED:
+            if impl is not TopoImpl.GROUPED and (self.kernel_size != (1, 1) or self.stride != (1, 1)
+                                                 or self.padding != (0, 0)):
+                raise ConfigError(f"{impl.value!r} computes 1x1 stride-1 unpadded convs only; use 'grouped'")
+            if tile is None:
+                found = band_candidates(self.neighbours.cpu(), self.in_channels, 1)
+                plan = found[0] if found else band_plan(self.neighbours.cpu(), self.in_channels, self.out_channels)
+            else:
+                plan = band_plan(self.neighbours.cpu(), self.in_channels, tile)
+        self.impl, self.plan = impl, plan
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
             ph, pw = self.padding
@@ -185,8 +204,11 @@ class TopoConv2d(nn.Module):
             padding = (0, 0)
         else:
             padding = self.padding
-        return LF.topo_conv_reference(x, self.weight, self.sources, self.out_perm, self.bias,
-                                      self.stride, padding, self.dilation)
+        if self.impl is TopoImpl.GATHER:
+            return LF.topo_conv_reference(x, self.weight, self.sources, self.out_perm, self.bias,
+                                          self.stride, padding, self.dilation)
+        return topo_conv(x, self.weight, self.neighbours, self.in_perm, self.out_perm, self.bias,
+                         self.stride, padding, self.dilation, self.impl, self.plan)
 
     # ---------------------------------------------------------------- construction / accounting
     @classmethod
@@ -231,5 +253,6 @@ class TopoConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         t = self.topology
+        impl = self.impl.value + (f"(tile={self.plan.tile})" if self.plan else "")
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"grid={t.in_dims}->{t.out_dims}, nbhd={t.nbhd}, density={t.density:.3f}")
+                f"grid={t.in_dims}->{t.out_dims}, nbhd={t.nbhd}, density={t.density:.3f}, impl={impl}")

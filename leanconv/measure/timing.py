@@ -1,0 +1,87 @@
+"""Interleaved timing of callables (ops, implementations): samples per callable, after warm-up."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Seconds per call of one callable over ``len(samples)`` interleaved repeats."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: how noisy the samples were."""
+        if len(self.samples) < 4:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4)
+        return (q[2] - q[0]) / self.median if self.median else 0.0
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
+                     device: torch.device | None = None, budget_s: float | None = None) -> dict[str, Samples]:
+    """Time each callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+
+    Interleaving puts every callable under the same machine load, so ratios stay meaningful on a
+    shared machine even when absolute times drift.
+
+    Args:
+        fns: name -> zero-argument callable.
+        repeats: timed rounds (at least 1).
+        warmup: untimed rounds first (caches, allocator, oneDNN primitive creation).
+        device: synchronize this CUDA device around each call.
+        budget_s: stop after the round in which this many seconds of timing were spent
+            (at least 3 rounds are kept when ``repeats`` allows).
+    Returns:
+        name -> Samples.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(max(1, repeats)):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - t)
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {k: Samples(tuple(v)) for k, v in samples.items()}
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (unchanged when n is None)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

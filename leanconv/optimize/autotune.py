@@ -1,0 +1,110 @@
+"""Choose each frozen op's fastest exact implementation by timing it at its real input shape."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from leanconv.measure.timing import time_interleaved
+from leanconv.optimize.freeze import alternatives
+from leanconv.optimize.ops import InferenceOp, StackOp
+
+
+@dataclass(frozen=True)
+class ImplChoice:
+    """The implementations measured for one op and the one kept (seconds per call, best of repeats)."""
+
+    name: str                                   # qualified module name of the op
+    input_shape: tuple[int, ...]
+    timings: tuple[tuple[str, float], ...]      # (implementation, seconds), in candidate order
+    chosen: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "timings": [[n, t] for n, t in self.timings], "chosen": self.chosen}
+
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
+    """(name, container, index) of every tunable op: ops inside a StackOp, and standalone ops."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, StackOp):
+            found += [(f"{name}.ops.{i}", m, i) for i in range(len(m.ops))]
+        elif isinstance(m, InferenceOp) and not _inside_op(model, name):
+            found.append((name, m, None))
+    return found
+
+
+def _inside_op(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:k])), (InferenceOp, StackOp)):
+            return True
+    return False
+
+
+@torch.no_grad()
+def input_shapes(model: nn.Module, example_inputs: tuple, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Input shape of each named module in one forward pass (first call)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            if name not in shapes and args and isinstance(args[0], Tensor):
+                shapes[name] = tuple(args[0].shape)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: int = 1,
+           channels_last: bool = True, budget_s: float = 3.0) -> list[ImplChoice]:
+    """Swap every tunable op for its fastest exact alternative (in place); returns what was measured.
+
+    Ops that have one implementation only are not timed. Each op's timing stops after
+    ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow.
+    """
+    found = units(model)
+    targets = {name: (container, i) for name, container, i in found}
+    shapes = input_shapes(model, example_inputs, list(targets))
+    choices = []
+    for name, (container, i) in targets.items():
+        op = container.ops[i] if i is not None else container
+        cands = alternatives(op)
+        if name not in shapes or len(cands) < 2:
+            continue
+        param = next(iter(op.buffers()))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(shapes[name], device=param.device, dtype=param.dtype).to(memory_format=fmt)
+        has_res = i is not None and container.residual[i]
+        res = None
+        if has_res:
+            res = torch.randn(cands[0](x).shape, device=x.device, dtype=x.dtype).to(memory_format=fmt)
+        fns = {str(k): (lambda c=c: c(x, res)) for k, c in enumerate(cands)}
+        timed = time_interleaved(fns, repeats=repeats, warmup=warmup, device=x.device, budget_s=budget_s)
+        best = min(range(len(cands)), key=lambda k: timed[str(k)].min)
+        chosen = cands[best]
+        chosen.tuned = tuple((c.impl_name(), timed[str(k)].min) for k, c in enumerate(cands))
+        chosen.tuned_shape = shapes[name]
+        if i is not None:
+            container.ops[i] = chosen
+        else:
+            model.set_submodule(name, chosen)
+        choices.append(ImplChoice(name, shapes[name], chosen.tuned, chosen.impl_name()))
+    return choices
+
+
+def recorded_choices(model: nn.Module) -> list[ImplChoice]:
+    """The implementation choices ``optimize`` recorded on a model's ops."""
+    out = []
+    for name, m in model.named_modules():
+        tuned = getattr(m, "tuned", None)
+        if isinstance(m, InferenceOp) and tuned:
+            out.append(ImplChoice(name, tuple(getattr(m, "tuned_shape", ())), tuned, m.impl_name()))
+    return out

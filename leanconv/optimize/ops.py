@@ -1,0 +1,487 @@
+"""Frozen inference ops: replacement layers with BN folded, epilogues fused, one implementation each.
+
+Every op computes ``act(core(x) + bias + res_scale * residual)``: ``forward(x, residual=None)``,
+with ``relu`` and ``res_scale`` as its epilogue. On CPU in float32 the last linear op of an op
+runs as one oneDNN call with the bias, the residual add and the ReLU fused
+(``torch.ops.mkldnn._convolution_pointwise``); under tracing, export, ``torch.compile`` or
+``portable()`` the same op is written with plain torch ops so that exporters and compilers see
+standard operators. ``scale_input`` / ``scale_output`` fold per-channel affine maps into an op
+(BatchNorm folding); ``dense_kernel`` gives the single conv an op equals, where there is one.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanconv.layers import functional as LF
+from leanconv.layers.topo_impl import BandPlan, TopoImpl, pack_bands, window_channels
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def portable():
+    """Within the block, ops use only standard torch operators (for export and compilers)."""
+    old = getattr(_STATE, "portable", False)
+    _STATE.portable = True
+    try:
+        yield
+    finally:
+        _STATE.portable = old
+
+
+def _mkldnn_ok() -> bool:
+    return hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+
+
+MKLDNN = _mkldnn_ok()
+
+
+def fused_path(x: Tensor) -> bool:
+    """Whether this call may use the fused oneDNN kernels."""
+    if not MKLDNN or getattr(_STATE, "portable", False) or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    compiling = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return not (tracing or compiling or x.requires_grad)
+
+
+def epilogue(y: Tensor, residual: Tensor | None, res_scale: Tensor | None, relu: bool) -> Tensor:
+    """``relu(y + res_scale * residual)`` with plain ops; writes into ``y`` (a fresh tensor)."""
+    if residual is not None:
+        if res_scale is not None:
+            residual = residual * res_scale.view(1, -1, 1, 1)
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def conv_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                  residual: Tensor | None, res_scale: Tensor | None, relu: bool) -> Tensor:
+    """``relu(conv(x) + bias + res_scale * residual)``: one oneDNN call where ``fused_path``."""
+    if fused_path(x):
+        cp = torch.ops.mkldnn._convolution_pointwise
+        if residual is None:
+            return cp(x, weight, bias, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+        if res_scale is not None:
+            residual = residual * res_scale.view(1, -1, 1, 1)
+        return cp.binary(x, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0,
+                         "relu" if relu else None, [], "")
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return epilogue(y, residual, res_scale, relu)
+
+
+class InferenceOp(nn.Module):
+    """Base: the epilogue fields every op has."""
+
+    relu: bool
+    res_scale: Tensor | None
+
+    def epilogue_from(self, other: "InferenceOp") -> "InferenceOp":
+        self.relu = other.relu
+        self.res_scale = None if other.res_scale is None else other.res_scale.clone()
+        return self
+
+    def impl_name(self) -> str:
+        return type(self).__name__
+
+    def dense_kernel(self) -> tuple[Tensor, Tensor | None, dict] | None:
+        """(weight, bias, conv settings) of the single conv this op equals, or None."""
+        return None
+
+
+class ConvOp(InferenceOp):
+    """A conv with folded BatchNorm and a fused epilogue (dense, grouped or depthwise)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                 groups: int = 1, padding_mode: str = "zeros", relu: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        bias = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
+        self.register_buffer("bias", bias)
+        self.stride, self.padding, self.dilation = LF.pair(stride), LF.pair(padding), LF.pair(dilation)
+        self.groups, self.padding_mode, self.relu = groups, padding_mode, relu
+        self.register_buffer("res_scale", None)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "ConvOp":
+        from leanconv.layers.geometry import ConvGeometry
+
+        g = ConvGeometry.of(conv)
+        return cls(conv.weight, conv.bias, g.stride, g.padding, g.dilation, g.groups, g.padding_mode)
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = (0, 0)
+        return conv_epilogue(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                             residual, self.res_scale, self.relu)
+
+    @torch.no_grad()
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        """y -> a * y + b per output channel."""
+        self.weight.mul_(a.view(-1, *[1] * (self.weight.dim() - 1)))
+        self.bias.mul_(a).add_(b)
+
+    @torch.no_grad()
+    def scale_input(self, s: Tensor) -> None:
+        """y(x) -> y(s * x) per input channel."""
+        co, cig = self.weight.shape[:2]
+        per_group = co // self.groups
+        o = torch.arange(co, device=self.weight.device)
+        src = (o // per_group)[:, None] * cig + torch.arange(cig, device=self.weight.device)[None, :]  # (co, cig)
+        self.weight.mul_(s[src].view(co, cig, 1, 1))
+
+    def dense_kernel(self):
+        return self.weight, self.bias, {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                                        "groups": self.groups, "padding_mode": self.padding_mode}
+
+    def impl_name(self) -> str:
+        kh, kw = self.weight.shape[2:]
+        kind = "dw" if self.groups == self.in_channels and self.groups > 1 else (
+            f"g{self.groups}" if self.groups > 1 else "dense")
+        return f"conv{kh}x{kw}/{kind}"
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, groups={self.groups}, relu={self.relu}")
+
+
+class TopoOp(InferenceOp):
+    """A topological conv computed by tiles (``TopoImpl.BANDS`` / ``BATCHED`` / ``GROUPED``).
+
+    Keeps the compact weight and the channel -> grid assignment; the per-tile kernels are
+    packed once here. ``DENSE`` is not a TopoOp: it is the ConvOp of ``dense_kernel``.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, neighbours: Tensor, in_perm: Tensor, out_perm: Tensor,
+                 impl: TopoImpl, plan: BandPlan, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0]))
+        self.register_buffer("neighbours", neighbours.clone())
+        self.register_buffer("in_perm", in_perm.clone())
+        self.register_buffer("out_perm", out_perm.clone())
+        self.register_buffer("out_inv", LF.inverse_permutation(out_perm))
+        self.impl, self.plan = TopoImpl(impl), plan
+        self.stride, self.padding, self.dilation = LF.pair(stride), LF.pair(padding), LF.pair(dilation)
+        self.in_identity = LF.is_identity(in_perm)
+        self.out_identity = LF.is_identity(out_perm)
+        self.relu = False
+        self.register_buffer("res_scale", None)
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("bias_grid", None, persistent=False)
+        self.repack()
+
+    @classmethod
+    def from_layer(cls, layer, impl: TopoImpl, plan: BandPlan) -> "TopoOp":
+        return cls(layer.weight, layer.bias, layer.neighbours, layer.in_perm, layer.out_perm, impl, plan,
+                   layer.stride, layer.padding, layer.dilation)
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_perm.numel()
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_perm.numel()
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        packed = pack_bands(self.weight, self.neighbours, self.plan)  # (T, t, width, kh, kw)
+        bias_grid = self.bias[self.out_perm]
+        if self.impl is TopoImpl.GROUPED:
+            self.packed = packed.reshape(-1, self.plan.width, *self.weight.shape[2:]).contiguous()
+        else:
+            self.packed = packed[..., 0, 0].transpose(1, 2).contiguous()  # (T, width, t)
+        self.bias_grid = bias_grid.contiguous()
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.impl is TopoImpl.GROUPED:
+            return self._grouped(x, residual)
+        b, _, h, w = x.shape
+        p = b * h * w
+        x2 = x.permute(0, 2, 3, 1).reshape(p, -1)  # (P, in); a view for channels_last input
+        if not self.in_identity:
+            x2 = x2.index_select(1, self.in_perm)
+        eager = fused_path(x)
+        if self.impl is TopoImpl.BATCHED or not eager:
+            y2 = self._matmuls(x2, batched=eager)  # (P, out) grid order
+            if not self.out_identity:
+                y2 = y2.index_select(1, self.out_inv)
+            y = (y2 + self.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
+            return epilogue(y, residual, self.res_scale, self.relu)
+        # BANDS, eager: every tile accumulates into one (P, out) buffer that already holds
+        # bias (+ residual), so the epilogue costs one pass at most (the ReLU).
+        if residual is not None and self.out_identity:
+            r2 = residual.permute(0, 2, 3, 1).reshape(p, -1)
+            if self.res_scale is not None:
+                acc = torch.addcmul(self.bias, r2, self.res_scale)
+            else:
+                acc = torch.add(r2, self.bias)
+            self._bands(x2, acc)
+            residual = None
+        elif self.out_identity:
+            acc = self.bias.expand(p, -1).clone()
+            self._bands(x2, acc)
+        else:
+            acc = self._bands(x2, x2.new_zeros(p, self.out_channels)).index_select(1, self.out_inv) + self.bias
+        y = acc.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, out, H, W) channels_last
+        if residual is not None:
+            y = y.add_(residual if self.res_scale is None else residual * self.res_scale.view(1, -1, 1, 1))
+        return y.relu_() if self.relu else y
+
+    def _bands(self, x2: Tensor, acc: Tensor) -> Tensor:
+        from leanconv.layers.topo_impl import bands_matmul
+
+        return bands_matmul(x2, self.packed, self.plan, acc)
+
+    def _matmuls(self, x2: Tensor, batched: bool) -> Tensor:
+        """Grid-order (P, out) without bias: one bmm over strided windows (eager BATCHED), else
+        slices, matmuls and one concat (exportable)."""
+        plan = self.plan
+        if batched and self.impl is TopoImpl.BATCHED and plan.step is not None:
+            from leanconv.layers.topo_impl import batched_matmul
+
+            return batched_matmul(x2.contiguous(), self.packed, plan)
+        xp = torch.cat([x2, x2[:, :plan.pad]], 1) if plan.pad else x2  # (P, in + pad)
+        parts = [xp[:, s:s + plan.width] @ self.packed[j] for j, s in enumerate(plan.starts)]  # (P, t) each
+        return torch.cat(parts, 1)
+
+    def _grouped(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        xg = x if self.in_identity else x.index_select(1, self.in_perm)
+        win = window_channels(xg, self.plan, strided=fused_path(x))  # (B, T*width, H, W)
+        if self.out_identity:
+            return conv_epilogue(win, self.packed, self.bias_grid, self.stride, self.padding, self.dilation,
+                                 self.plan.tiles, residual, self.res_scale, self.relu)
+        y = F.conv2d(win, self.packed, None, self.stride, self.padding, self.dilation, self.plan.tiles)
+        y = y.index_select(1, self.out_inv) + self.bias.view(1, -1, 1, 1)
+        return epilogue(y, residual, self.res_scale, self.relu)
+
+    @torch.no_grad()
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        self.weight.mul_(a[self.out_perm].view(-1, 1, 1, 1))
+        self.bias.mul_(a).add_(b)
+        self.repack()
+
+    @torch.no_grad()
+    def scale_input(self, s: Tensor) -> None:
+        self.weight.mul_(s[self.in_perm[self.neighbours]][..., None, None])
+        self.repack()
+
+    def dense_kernel(self):
+        kh, kw = self.weight.shape[2:]
+        dense = self.weight.new_zeros(self.out_channels, self.in_channels, kh, kw)
+        dense[self.out_perm[:, None], self.in_perm[self.neighbours]] = self.weight
+        return dense, self.bias, {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                                  "groups": 1, "padding_mode": "zeros"}
+
+    def impl_name(self) -> str:
+        return f"topo-{self.impl.value}(tile={self.plan.tile},window={self.plan.width}/{self.in_channels})"
+
+
+class SplitOp(InferenceOp):
+    """A depthwise conv (stride, padding; multiplier b) then a projection: SIC and unraveled layers."""
+
+    def __init__(self, depthwise: ConvOp, project: InferenceOp) -> None:
+        super().__init__()
+        self.depthwise, self.project = depthwise, project
+
+    relu = property(lambda self: self.project.relu, lambda self, v: setattr(self.project, "relu", v))
+    res_scale = property(lambda self: self.project.res_scale, lambda self, v: setattr(self.project, "res_scale", v))
+
+    @property
+    def in_channels(self) -> int:
+        return self.depthwise.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.project.out_channels
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.project(self.depthwise(x), residual)
+
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        self.project.scale_output(a, b)
+
+    def scale_input(self, s: Tensor) -> None:
+        self.depthwise.scale_input(s)
+
+    @torch.no_grad()
+    def dense_kernel(self):
+        pk = self.project.dense_kernel()
+        if pk is None or pk[2]["groups"] != 1 or pk[0].shape[2:] != (1, 1) or self.depthwise.padding_mode != "zeros":
+            return None
+        proj, bias = pk[0][:, :, 0, 0], pk[1]  # (out, in*b)
+        dw = self.depthwise.weight  # (in*b, 1, kh, kw)
+        ci, b = self.depthwise.groups, dw.shape[0] // self.depthwise.groups
+        # W[o, i] = sum_r proj[o, i*b + r] * dw[i*b + r]
+        w = torch.einsum("oir,irhw->oihw", proj.view(-1, ci, b), dw.view(ci, b, *dw.shape[2:]))
+        d = self.depthwise
+        return w.contiguous(), bias, {"stride": d.stride, "padding": d.padding, "dilation": d.dilation,
+                                      "groups": 1, "padding_mode": "zeros"}
+
+    def impl_name(self) -> str:
+        return f"{self.depthwise.impl_name()}+{self.project.impl_name()}"
+
+
+class BottleneckOp(InferenceOp):
+    """SpatialBottleneck: depthwise stride-k conv, projection, depthwise transposed conv.
+
+    The pad before and the crop after are done by the convs' own padding where the geometry
+    allows (offset 1 always; offset 0 when the size is a multiple of k), so no copies are made.
+    """
+
+    def __init__(self, down: ConvOp, project: InferenceOp, up_weight: Tensor, bias: Tensor | None, k: int,
+                 offset: int, up_impl: str = "deconv") -> None:
+        super().__init__()
+        self.down, self.project = down, project
+        self.register_buffer("up_weight", up_weight.detach().clone().contiguous())  # (C, 1, k, k)
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else up_weight.new_zeros(up_weight.shape[0]))
+        self.k, self.offset, self.up_impl = k, offset, up_impl  # up_impl: "deconv" | "expand"
+        self.down.padding = (offset, offset)
+        self.relu = False
+        self.register_buffer("res_scale", None)
+
+    @property
+    def in_channels(self) -> int:
+        return self.down.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.up_weight.shape[0]
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        k, off = self.k, self.offset
+        h, w = x.shape[-2:]
+        direct = off > 0 or (h % k == 0 and w % k == 0)
+        if not direct:  # offset 0 with a size not divisible by k: the trailing pad is one-sided
+            x = F.pad(x, (0, LF.bottleneck_padding(w, k, 0), 0, LF.bottleneck_padding(h, k, 0)))
+        z = self.project(self.down(x))
+        if self.up_impl == "expand":
+            y = self._expand(z)[..., off:off + h, off:off + w]  # a view: the crop costs nothing
+        else:
+            rh, rw = z.shape[-2:]
+            out_pad = (2 * off + h - rh * k, 2 * off + w - rw * k) if direct else (0, 0)
+            y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
+            if not direct:
+                y = y[..., :h, :w]
+        fresh = self.up_impl == "deconv"  # else y is a crop view: materialize it once
+        if residual is not None:
+            if self.res_scale is not None:
+                residual = residual * self.res_scale.view(1, -1, 1, 1)
+            if self.relu and fused_path(y):  # add and ReLU in one pass
+                return torch.ops.aten._add_relu_(y, residual) if fresh else torch.ops.aten._add_relu(y, residual)
+            y = y.add_(residual) if fresh else torch.add(y, residual)
+            fresh = True
+        if self.relu:
+            return y.relu_() if fresh else F.relu(y)
+        return y if fresh else y.contiguous(memory_format=torch.channels_last)
+
+    def _expand(self, z: Tensor) -> Tensor:
+        """The stride-k depthwise transposed conv as one broadcast multiply-add (no oneDNN deconv):
+        each reduced pixel times its channel's k x k filter, plus bias. ``(B, C, rh*k, rw*k)``."""
+        b, c, rh, rw = z.shape
+        k = self.k
+        zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
+        if fused_path(z):  # one strided write per phase: far faster than a 6-D broadcast in eager
+            y = z.new_empty(b, rh, k, rw, k, c)
+            for i in range(k):
+                for j in range(k):
+                    torch.addcmul(self.bias, zl, self.up_weight[:, 0, i, j], out=y[:, :, i, :, j, :])
+        else:
+            wl = self.up_weight[:, 0].permute(1, 2, 0).reshape(1, 1, k, 1, k, c)  # (1, 1, k, 1, k, C)
+            y = torch.addcmul(self.bias, zl.reshape(b, rh, 1, rw, 1, c), wl)  # (B, rh, k, rw, k, C)
+        return y.reshape(b, rh * k, rw * k, c).permute(0, 3, 1, 2)  # channels_last
+
+    @torch.no_grad()
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        self.up_weight.mul_(a.view(-1, 1, 1, 1))
+        self.bias.mul_(a).add_(b)
+
+    def scale_input(self, s: Tensor) -> None:
+        self.down.scale_input(s)
+
+    def impl_name(self) -> str:
+        return f"bottleneck({self.down.impl_name()}+{self.project.impl_name()}+{self.up_impl})"
+
+
+class StackOp(nn.Module):
+    """ResidualStack, frozen: ``x = op_i(x, residual=x if residual[i])``, each op's epilogue set
+    (ReLU between layers; the network's own ReLU after the last when it was fused)."""
+
+    def __init__(self, ops: list[InferenceOp], residual: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(ops)
+        self.residual = tuple(residual)
+
+    @property
+    def in_channels(self) -> int:
+        return self.ops[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.ops[-1].out_channels
+
+    @property
+    def relu(self) -> bool:
+        return self.ops[-1].relu
+
+    @relu.setter
+    def relu(self, v: bool) -> None:
+        self.ops[-1].relu = v
+
+    def forward(self, x: Tensor) -> Tensor:
+        for op, res in zip(self.ops, self.residual):
+            x = op(x, x if res else None)
+        return x
+
+    @torch.no_grad()
+    def fold_affine(self, a: Tensor, b: Tensor) -> None:
+        """Fold ``y -> a * y + b`` (an eval BatchNorm after the stack) into the ops.
+
+        With a > 0 everywhere and no residual around the first op, every inner activation is
+        rescaled by a (ReLU commutes with a positive scale), so no op pays for it; otherwise the
+        last op folds it and scales its residual.
+        """
+        last = len(self.ops) - 1
+        if bool((a > 0).all()) and not self.residual[0]:
+            for i, op in enumerate(self.ops):
+                if i > 0:
+                    op.scale_input(1.0 / a)
+                op.scale_output(a, b if i == last else torch.zeros_like(b))
+            return
+        op = self.ops[last]
+        op.scale_output(a, b)
+        if self.residual[last]:
+            op.res_scale = a.clone() if op.res_scale is None else op.res_scale * a
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(a, b) with ``bn(y) = a * y + b`` per channel in eval mode.
+
+    Raises:
+        ValueError: for a BatchNorm without running statistics (it has no eval-mode affine map).
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+    a = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.detach()
+    b = -bn.running_mean.detach() * a
+    if bn.bias is not None:
+        b = b + bn.bias.detach()
+    return a, b

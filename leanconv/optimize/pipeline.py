@@ -1,0 +1,112 @@
+"""optimize(model): inference preparation for original and converted networks alike (orchestration)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from leanconv.layers.registry import LEANCONV_LAYERS
+from leanconv.optimize.autotune import ImplChoice, choose
+from leanconv.optimize.freeze import FREEZABLE, freeze
+from leanconv.optimize.graph import try_epilogues
+from leanconv.optimize.ops import ConvOp, InferenceOp, StackOp, bn_affine
+
+
+def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
+             autotune: bool = True, channels_last: bool = True, fuse_relu: bool = True, repeats: int = 5,
+             threads: int | None = None) -> nn.Module:
+    """Prepare a model (original or converted) for fast inference; outputs stay the same.
+
+    In order: eval mode; every replacement layer frozen into inference ops; each BatchNorm that
+    alone follows a conv or replacement layer folded into it (BatchNorms inside stacks too) and
+    replaced by ``nn.Identity``; a ReLU module that alone follows such a producer fused into its
+    last op (where the graph shows it is safe); channels_last weights; and, with
+    ``example_inputs`` and ``autotune``, each replacement op swapped for the fastest of its exact
+    implementations at its real input shape (timed here, on this machine; see
+    ``implementation_choices``). The model keeps its class: modules are swapped by name.
+
+    Args:
+        model: any ``nn.Module``; a copy is optimized unless ``inplace``.
+        example_inputs: a batch at the size and batch size inference will use.
+        autotune: time the alternatives (needs ``example_inputs``).
+        channels_last: convert 4-D weights to channels_last (inputs follow after the first conv).
+        fuse_relu: fuse following ReLU modules into producers.
+        repeats: timed runs per alternative.
+        threads: ``torch.set_num_threads`` while timing (default: unchanged).
+    Returns:
+        The optimized model, in eval mode.
+    """
+    m = model if inplace else copy.deepcopy(model)
+    m.eval()
+    producers = tuple(LEANCONV_LAYERS) + (nn.Conv2d,)
+    links, why = try_epilogues(m, producers)
+    if why is not None:
+        warnings.warn(f"leanconv.optimize: {why}; BatchNorms after convs stay unfolded", stacklevel=2)
+    follow = {e.producer: e for e in links}
+
+    for name in _top_level(m, LEANCONV_LAYERS):
+        op = freeze(m.get_submodule(name))
+        _fold_epilogue(m, name, op, follow.get(name), fuse_relu)
+        m.set_submodule(name, op)
+    for name, conv in list(m.named_modules()):
+        if type(conv) is nn.Conv2d and name in follow:
+            e = follow[name]
+            relu = fuse_relu and e.relu is not None
+            if relu or e.norm is not None:
+                op = ConvOp.from_conv(conv)
+                _fold_epilogue(m, name, op, e, fuse_relu)
+                m.set_submodule(name, op if relu else _as_conv(conv, op))
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    if autotune and example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        if channels_last:
+            args = tuple(a.to(memory_format=torch.channels_last) if isinstance(a, Tensor) and a.dim() == 4 else a
+                         for a in args)
+        old = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            choose(m, args, repeats=repeats, channels_last=channels_last)
+        finally:
+            torch.set_num_threads(old)
+    return m
+
+
+def _top_level(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    """Names of modules of ``kinds`` not nested inside another one."""
+    names = [n for n, mod in model.named_modules() if isinstance(mod, kinds) and n]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+@torch.no_grad()
+def _fold_epilogue(model: nn.Module, name: str, op: InferenceOp | StackOp, e, fuse_relu: bool) -> None:
+    if e is None:
+        return
+    if e.norm is not None:
+        a, b = bn_affine(model.get_submodule(e.norm))
+        if isinstance(op, StackOp):
+            op.fold_affine(a, b)
+        else:
+            op.scale_output(a, b)
+        model.set_submodule(e.norm, nn.Identity())
+    if fuse_relu and e.relu is not None:
+        op.relu = True
+        model.set_submodule(e.relu, nn.Identity())
+
+
+def _as_conv(conv: nn.Conv2d, op: ConvOp) -> nn.Conv2d:
+    """``conv`` with the op's folded weight and bias (the user's own module type kept)."""
+    new = copy.deepcopy(conv)
+    new.weight = nn.Parameter(op.weight.clone(), requires_grad=False)
+    new.bias = nn.Parameter(op.bias.clone(), requires_grad=False)
+    return new
+
+
+def implementation_choices(model: nn.Module) -> list[ImplChoice]:
+    """What ``optimize`` measured and chose for each op of an optimized model."""
+    from leanconv.optimize.autotune import recorded_choices
+
+    return recorded_choices(model)

@@ -1,0 +1,231 @@
+"""optimize(): outputs unchanged (folding, fusion, implementation choice); topological implementations exact."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import leanconv
+from leanconv.demo.teacher import fmnist_resnet
+from leanconv.errors import ConfigError
+from leanconv.layers import SICStack, SpatialBottleneck, TopoConv2d, Topology
+from leanconv.layers.functional import topo_conv_reference
+from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan, cyclic_cover
+from leanconv.optimize.freeze import alternatives, freeze
+from leanconv.optimize.ops import StackOp, portable
+
+RECIPES = [r.name for r in leanconv.list_recipes()]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def randomize_norms(model: nn.Module, negative: bool = False) -> nn.Module:
+    """Non-trivial eval-mode BatchNorms (with some negative scales if asked)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                if negative:
+                    m.weight[::3].neg_()
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+def small_model():
+    return randomize_norms(fmnist_resnet(width=16))
+
+
+# --------------------------------------------------------------------------- topological implementations
+
+@pytest.mark.parametrize("ci,co,rank,k,stride,pad", [(64, 64, 2, 1, 1, 0), (32, 64, 2, 1, 1, 0), (64, 32, 3, 1, 1, 0),
+                                                   (24, 36, 1, 1, 1, 0), (32, 32, 2, 3, 1, 1), (32, 64, 3, 3, 2, 1)])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_topo_impls_exact(ci, co, rank, k, stride, pad, permuted):
+    layer = TopoConv2d(ci, co, k, Topology.auto(ci, co, rank), stride, pad)
+    with torch.no_grad():
+        layer.bias.normal_()
+    if permuted:
+        layer.set_assignment(torch.randperm(ci), torch.randperm(co))
+    x = torch.randn(2, ci, 7, 9).to(memory_format=torch.channels_last)
+    ref = topo_conv_reference(x, layer.weight, layer.sources, layer.out_perm, layer.bias, layer.stride,
+                              layer.padding, layer.dilation)
+    plans = band_candidates(layer.neighbours, ci)
+    assert plans, "a topology at density <= 1/4 must have tilings that save MACs"
+    tried = 0
+    for impl in TopoImpl:
+        tiled = impl in (TopoImpl.BANDS, TopoImpl.BATCHED, TopoImpl.GROUPED)
+        if k != 1 and impl in (TopoImpl.BANDS, TopoImpl.BATCHED):
+            with pytest.raises(ConfigError):
+                layer.set_impl(impl)
+            continue
+        for plan in plans if tiled else [None]:
+            if impl is TopoImpl.BATCHED and plan.step is None:
+                continue
+            layer.set_impl(impl, plan.tile if plan else None)
+            y = layer(x)
+            assert (y - ref).abs().max() < 1e-5, f"{impl} tile={plan and plan.tile}: {(y - ref).abs().max():.2e}"
+            tried += 1
+    assert tried >= 3
+
+
+def test_tiled_impl_is_differentiable_like_the_reference():
+    layer = TopoConv2d(64, 64, 1, Topology.auto(64, 64, 2))
+    x = torch.randn(2, 64, 5, 5)
+    grads = []
+    for impl in ("gather", "bands"):
+        layer.set_impl(impl)
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        grads.append(layer.weight.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() < 1e-4
+
+
+def test_band_plan_skips_connections():
+    assert cyclic_cover([14, 15, 0, 1], 16) == (14, 4)
+    assert cyclic_cover([3, 5], 16) == (3, 3)
+    layer = TopoConv2d(256, 256, 1, Topology.auto(256, 256, 2))  # 16x16 grid, 8x8 windows
+    plan = band_plan(layer.neighbours, 256, 16)  # one grid row of outputs per tile
+    assert plan.width == 128 and plan.tiles == 16 and plan.step == 16
+    assert plan.density == 0.5  # a dense product per tile multiplies half the connections
+    assert all(p.width < 256 for p in band_candidates(layer.neighbours, 256))
+
+
+# --------------------------------------------------------------------------- optimize keeps the function
+
+@pytest.mark.parametrize("recipe", ["original"] + RECIPES)
+def test_optimize_matches_unoptimized(recipe):
+    base = small_model()
+    x = torch.randn(3, 1, 28, 28)
+    model = base if recipe == "original" else randomize_norms(leanconv.convert(base, recipe, x[:1])[0])
+    with torch.no_grad():
+        ref = model(x)
+        opt = leanconv.optimize(model, x, repeats=1)
+        y = opt(x)
+        with portable():
+            y_portable = opt(x)
+    assert type(opt) is type(model)
+    assert rel_err(y, ref) < 1e-5, f"{recipe}: rel err {rel_err(y, ref):.2e}"
+    assert rel_err(y_portable, ref) < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in opt.modules()), "every BN here follows a conv"
+    assert model.training is False and ref.shape == y.shape
+
+
+def test_negative_bn_scales_and_internal_norms_fold_exactly():
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    for kw in ({"depth": 3, "norm": True}, {"depth": 2, "bottleneck": "full"}):
+        stack = SICStack.from_conv(conv, **kw)
+        model = randomize_norms(nn.Sequential(stack, nn.BatchNorm2d(32), nn.ReLU()), negative=True)
+        if stack.norms is not None:
+            randomize_norms(stack, negative=True)
+        x = torch.randn(2, 32, 9, 9)
+        with torch.no_grad():
+            ref = model(x)
+            opt = leanconv.optimize(model, x, repeats=1)
+            assert isinstance(opt[0], StackOp) and isinstance(opt[1], nn.Identity) and isinstance(opt[2], nn.Identity)
+            assert opt[0].relu, "the ReLU after the BN is fused into the stack's last op"
+            assert rel_err(opt(x), ref) < 1e-5
+
+
+class SharedBN(nn.Module):
+    """The conv's output is read twice: its BN must not be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.relu(self.bn(y)) + y
+
+
+def test_bn_stays_when_conv_output_is_shared():
+    model = randomize_norms(SharedBN())
+    x = torch.randn(2, 8, 6, 6)
+    opt = leanconv.optimize(model, x, repeats=1)
+    assert isinstance(opt.bn, nn.BatchNorm2d) and isinstance(opt.relu, nn.ReLU)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-6
+
+
+def test_shared_relu_is_not_removed():
+    model = small_model()  # its blocks call self.relu twice
+    opt = leanconv.optimize(model, autotune=False)
+    assert all(isinstance(b.relu, nn.ReLU) for b in opt.modules() if hasattr(b, "relu") and isinstance(b, nn.Module)
+               and type(b).__name__ == "BasicBlock")
+
+
+@pytest.mark.parametrize("size", [7, 8, 9])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_bottleneck_without_pad_copies_is_exact(size, offset):
+    layer = SpatialBottleneck(16, 16, 2, offset)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(2, 16, size, size)
+    res = torch.randn(2, 16, size, size)
+    with torch.no_grad():
+        ref = layer(x)
+        for alt in alternatives(freeze(layer)):  # oneDNN deconv, and a broadcast multiply-add
+            assert rel_err(alt(x.to(memory_format=torch.channels_last)), ref) < 1e-5, alt.impl_name()
+            alt.relu = True
+            assert rel_err(alt(x, res), F.relu(ref + res)) < 1e-5, alt.impl_name()
+
+
+def test_every_alternative_is_exact_and_choice_is_recorded():
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    stack = SICStack.from_conv(conv, depth=2, topology_rank=2)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        op = freeze(stack.eval())
+        ref = stack(x)
+        for i, unit in enumerate(op.ops):
+            inp = x if i == 0 else torch.randn_like(x)
+            res = inp if op.residual[i] else None
+            alts = alternatives(unit)
+            assert len(alts) >= 4  # dense, split with topology tiled several ways, folded dense
+            outs = [a(inp, res) for a in alts]
+            for a, o in zip(alts, outs):
+                assert rel_err(o, outs[0]) < 1e-5, a.impl_name()
+        opt = leanconv.optimize(nn.Sequential(stack), x, repeats=1)
+        assert rel_err(opt(x), ref) < 1e-5
+    choices = leanconv.implementation_choices(opt)
+    assert len(choices) == 2 and all(c.chosen in dict(c.timings) for c in choices)
+    assert all(len(c.timings) >= 4 for c in choices)
+
+
+def test_optimize_does_not_touch_the_input_model():
+    model = small_model()
+    before = copy.deepcopy(model.state_dict())
+    leanconv.optimize(model, torch.randn(1, 1, 28, 28), repeats=1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+def test_untraceable_model_keeps_its_norms_and_warns():
+    model = randomize_norms(Untraceable())
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.warns(UserWarning, match="unfolded"):
+        opt = leanconv.optimize(model, x, repeats=1)
+    assert isinstance(opt.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-6
