@@ -110,7 +110,8 @@ class ResidualStack(nn.Module):
     # ---------------------------------------------------------------- factories
     @classmethod
     def topological_from_conv(cls, conv: nn.Conv2d, rank: int, density: float | None = None, depth: int = 2,
-                              activation: str = "relu", shift: Tensor | None = None) -> "ResidualStack":
+                              activation: str = "relu", shift: Tensor | None = None,
+                              first_residual: bool = True) -> "ResidualStack":
         """Paper models F / G: ``depth`` topological k x k convs in place of one dense conv."""
         g = _geometry(conv)
         k = g.kernel_size[0]
@@ -122,11 +123,11 @@ class ResidualStack(nn.Module):
             layers.append(TopoConv2d(ci, g.out_channels, k, topo, g.stride if i == 0 else 1,
                                      g.padding if i == 0 else same, g.dilation, True,
                                      g.padding_mode, **_dd(conv)))
-        return cls._finish(layers, g, conv, activation, False, shift)
+        return cls._finish(layers, g, conv, activation, False, shift, first_residual)
 
     @classmethod
     def grouped_from_conv(cls, conv: nn.Conv2d, groups: int, depth: int = 2, activation: str = "relu",
-                          shift: Tensor | None = None) -> "ResidualStack":
+                          shift: Tensor | None = None, first_residual: bool = True) -> "ResidualStack":
         """Paper model H (baseline): ``depth`` grouped k x k convs in place of one dense conv."""
         g = _geometry(conv)
         if g.in_channels % groups or g.out_channels % groups:
@@ -136,13 +137,13 @@ class ResidualStack(nn.Module):
         layers = [nn.Conv2d(g.in_channels if i == 0 else g.out_channels, g.out_channels, k,
                             g.stride if i == 0 else 1, g.padding if i == 0 else same, g.dilation, groups, True,
                             g.padding_mode, **_dd(conv)) for i in range(depth)]
-        return cls._finish(layers, g, conv, activation, False, shift)
+        return cls._finish(layers, g, conv, activation, False, shift, first_residual)
 
     @classmethod
     def _finish(cls, layers, g: ConvGeometry, conv: nn.Conv2d, activation: str, norm: bool,
-                shift: Tensor | None) -> "ResidualStack":
+                shift: Tensor | None, first_residual: bool) -> "ResidualStack":
         keeps_shape = g.in_channels == g.out_channels and g.output_hw((17, 19)) == (17, 19)
-        residual = [i > 0 or keeps_shape for i in range(len(layers))]
+        residual = [i > 0 or (keeps_shape and first_residual) for i in range(len(layers))]
         stack = cls(layers, residual, activation, norm, g.kernel_size, g.stride).to(conv.weight.device)
         stack.init_from_kernel(conv.weight, conv.bias, shift)
         return stack
@@ -156,8 +157,13 @@ class SICStack(ResidualStack):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, kernel: int = 3, depth: int = 2, topology_rank: int = 0,
                   density: float | None = None, bottleneck: str = "none", bottleneck_k: int = 2,
-                  activation: str = "relu", norm: bool = False, shift: Tensor | None = None) -> "SICStack":
+                  activation: str = "relu", norm: bool = False, shift: Tensor | None = None,
+                  first_residual: bool = True) -> "SICStack":
         """Build and data-free initialize the stack that replaces ``conv``.
+
+        The defaults are Algorithm 2's (ReLU between layers, a residual on every layer whose
+        shapes allow it). ``first_residual=False`` leaves it off the first layer, which then fits
+        the conv itself rather than conv - identity.
 
         Raises:
             ConfigError: even or too-small kernel, grouped conv, or an unknown bottleneck mode.
@@ -190,7 +196,7 @@ class SICStack(ResidualStack):
                 layers.append(SICLayer(ci, g.out_channels, kernel, g.stride if i == 0 else 1,
                                        first_pad if i == 0 else later_pad, g.dilation, topo(ci, g.out_channels),
                                        True, g.padding_mode, **dd))
-        return cls._finish(layers, g, conv, activation, norm, shift)
+        return cls._finish(layers, g, conv, activation, norm, shift, first_residual)
 
 
 # ---------------------------------------------------------------- data-free layer starts
