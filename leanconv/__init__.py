@@ -1,4 +1,5 @@
 """leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
+from leanconv.calibrate import CalibrationConfig, CalibrationReport, calibrate
 from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
 from leanconv.models import ModelSource
@@ -8,6 +9,6 @@ from leanconv.serialize import load, load_plan, save
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "ConversionPlan", "DataError", "LayerPlan", "LeanconvError", "ModelError",
-           "ModelSource", "NumericalError", "Recipe", "convert", "get_recipe", "list_recipes", "load",
+__all__ = ["CalibrationConfig", "CalibrationReport", "ConfigError", "ConversionPlan", "DataError", "LayerPlan",
+           "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe", "calibrate", "convert", "get_recipe", "list_recipes", "load",
            "load_plan", "save"]

@@ -5,7 +5,9 @@ import enum
 from dataclasses import asdict, dataclass
 
 from leanconv.errors import ConfigError
-from leanconv.recipes.spec import _checked_fields, _enum, _plain
+
+# The field helpers live in leanconv.recipes.spec, whose package imports this module: they are
+# imported where used, so that either package can be imported first.
 
 
 class Mode(str, enum.Enum):
@@ -35,14 +37,18 @@ class CalibrationConfig:
     assign: bool = True             # choose the channel -> grid assignment of topological layers
     recalibrate_bn: bool = True     # re-estimate BatchNorm statistics of the converted network
     holdout: int = 256              # held-out images for end-to-end agreement
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    device: str = "auto"            # auto (where the converted model is) | cpu | cuda | cuda:N
+    refine_batch: int = 8           # images per Adam step of gradient refinement
+    seed: int = 0                   # image subset, reservoir sampling and refinement batches
 
     def __post_init__(self) -> None:
+        from leanconv.recipes.spec import _enum
+
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
-        for name in ("images", "batch_size", "steps", "max_pixels", "holdout"):
+        for name in ("images", "batch_size", "steps", "max_pixels", "holdout", "refine_batch", "seed"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size") and v < 1):
+            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size", "refine_batch") and v < 1):
                 raise ConfigError(f"calibration.{name}: must be a positive integer, got {v!r}")
         for name in ("ridge", "lr"):
             v = getattr(self, name)
@@ -50,8 +56,12 @@ class CalibrationConfig:
                 raise ConfigError(f"calibration.{name}: must be a number >= 0, got {v!r}")
 
     def to_dict(self) -> dict:
+        from leanconv.recipes.spec import _plain
+
         return {k: _plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationConfig":
+        from leanconv.recipes.spec import _checked_fields
+
         return cls(**_checked_fields(cls, d, "calibration"))
