@@ -6,17 +6,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from leanconv.calibrate.capture import call_order, each_call, input_of, output_of
+from leanconv.calibrate.capture import StopForward, call_order, each_call, hooks, input_of, output_of, run
 from leanconv.calibrate.config import CalibrationConfig, Mode, Solver
 from leanconv.calibrate.evaluate import fidelity
 from leanconv.calibrate.bn import recalibrate_bn
 from leanconv.calibrate.images import ImageStream
-from leanconv.calibrate.refine import Reservoir, refine
+from leanconv.calibrate.refine import RefineResult, Reservoir, refine
 from leanconv.calibrate.report import CalibrationReport, LayerReport
-from leanconv.calibrate.steps import ProjectionFit, Step, datafree_assign, step_input, steps_of
+from leanconv.calibrate.steps import ProjectionFit, Step, StepFit, datafree_assign, step_input, steps_of
 from leanconv.errors import ConfigError
 from leanconv.layers.bottleneck import SpatialBottleneck
 from leanconv.layers.registry import LEANCONV_LAYERS
@@ -72,8 +72,10 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
                 with clock("assign"):
                     for job in jobs:
                         job.assign_datafree()
-            run = _cascaded if cfg.mode is Mode.CASCADED else _parallel
-            run(jobs, original, converted, stream, cfg, device, clock, progress)
+            with clock("closed_form"):
+                _closed_form(jobs, original, converted, stream, cfg, device, -(-images // cfg.batch_size), progress)
+            with clock("gradient"):
+                _gradient(jobs, original, converted, stream, cfg, device, progress)
             solved = None
             if cfg.recalibrate_bn:
                 with clock("evaluate"):
@@ -116,64 +118,87 @@ class _Job:
     name: str
     conv: nn.Conv2d
     block: nn.Module
-    fits: list[Step]                 # steps refit in closed form, in order
-    reservoir: Reservoir | None      # pairs for gradient refinement
     cfg: CalibrationConfig
+    fit_steps: list[Step]             # steps refit in closed form, in order
+    gradient: bool                    # refine the whole block with Adam
+    fits: list[ProjectionFit] = field(default_factory=list)
+    last_fit: dict[int, StepFit] = field(default_factory=dict)
+    assigned: set[int] = field(default_factory=set)  # steps whose grid assignment was chosen
+    reservoir: Reservoir | None = None
+    busy: bool = False                # inside our own work (step inputs re-enter the block)
     solvers: list[str] = field(default_factory=list)
     fit_errors: list[float] = field(default_factory=list)
     kept: list[tuple[float, float]] = field(default_factory=list)
-    refined: object = None
+    refined: RefineResult | None = None
     seconds: float = 0.0
 
     @classmethod
     def plan(cls, name: str, conv: nn.Conv2d, block: nn.Module, cfg: CalibrationConfig) -> "_Job":
         steps = steps_of(block)
         closed = cfg.solver in (Solver.CLOSED_FORM, Solver.AUTO)
-        fits = [s for s in steps if s.fittable] if closed else []
         nonlinear = isinstance(block, (ResidualStack, SpatialBottleneck))
         grad = cfg.solver is Solver.GRADIENT or (cfg.solver is Solver.AUTO and nonlinear)
-        grad = grad and cfg.steps > 0
-        return cls(name, conv, block, fits, Reservoir(cfg.max_pixels, cfg.seed) if grad else None, cfg)
-
-    @property
-    def passes(self) -> int:
-        return max(len(self.fits), 1 if self.reservoir is not None else 0)
+        return cls(name, conv, block, cfg, [s for s in steps if s.fittable] if closed else [], grad and cfg.steps > 0)
 
     def assign_datafree(self) -> None:
         """Grid assignment of topological steps that no closed-form fit will assign with data."""
         for step in steps_of(self.block):
-            if step not in self.fits:
+            if step not in self.fit_steps:
                 a = datafree_assign(step, self.conv)
                 if a is not None:
                     self.kept.append((a.kept, a.kept_identity))
                     self.solvers.append("assign")
 
-    def new_fit(self, p: int) -> ProjectionFit | None:
-        return ProjectionFit(self.fits[p], self.name) if p < len(self.fits) else None
+    def start_fits(self) -> None:
+        self.fits = [ProjectionFit(s, self.name) for s in self.fit_steps]
+        self.last_fit = {}
 
-    def offer(self, p: int, fit: ProjectionFit | None, x, y) -> None:
-        """A batch of (replacement input, original output) for pass ``p``."""
-        if p == 0 and self.reservoir is not None:
-            self.reservoir.add(x, y)
-        if fit is not None:
-            fit.update(step_input(self.block, fit.step, x), y)
+    def consume(self, x: Tensor, y: Tensor, solve: bool) -> None:
+        """Accumulate a batch (replacement input ``x``, original output ``y``) into every step's fit,
+        in order; with ``solve``, refit each step before the next one takes its input."""
+        t0 = time.perf_counter()
+        self.busy = True
+        try:
+            for fit in self.fits:
+                fit.update(step_input(self.block, fit.step, x), y)
+                if solve:
+                    self.last_fit[fit.step.index] = self._solve(fit)
+        finally:
+            self.busy = False
+        self.seconds += time.perf_counter() - t0
 
-    def solve(self, fit: ProjectionFit) -> None:
-        out = fit.solve(self.cfg.ridge, self.cfg.assign)
+    def _solve(self, fit: ProjectionFit) -> StepFit:
+        assign = self.cfg.assign and fit.step.index not in self.assigned
+        out = fit.solve(self.cfg.ridge, assign)
         if out.assignment is not None:
+            self.assigned.add(fit.step.index)
             self.kept.append((out.assignment.kept, out.assignment.kept_identity))
             self.solvers.append("assign")
-        self.fit_errors.append(out.fit_error)
-        self.solvers.append(f"closed_form[{fit.step.index}]" if len(steps_of(self.block)) > 1 else "closed_form")
+        return out
+
+    def finish_fits(self, first: bool) -> None:
+        """Record the pass's final fits (solving any not solved on the pass's last batch)."""
+        multi = len(steps_of(self.block)) > 1
+        self.fit_errors = []
+        for fit in self.fits:
+            done = self.last_fit.get(fit.step.index)
+            if done is None:
+                done = self._solve(fit)
+            self.fit_errors.append(done.fit_error)
+            if first:
+                self.solvers.append(f"closed_form[{fit.step.index}]" if multi else "closed_form")
+        self.fits, self.last_fit = [], {}
 
     def refine(self) -> None:
         if self.reservoir is None or self.reservoir.seen == 0:
             return
+        t0 = time.perf_counter()
         x, y = self.reservoir.pairs()
         c = self.cfg
         self.refined = refine(self.block, x, y, c.steps, c.lr, c.refine_batch, c.seed, self.name)
         self.solvers.append("gradient" if self.refined.accepted else "gradient(rejected)")
         self.reservoir = None  # free the pairs
+        self.seconds += time.perf_counter() - t0
 
     def report(self, before: float | None, after: float | None) -> LayerReport:
         r = self.refined
@@ -183,56 +208,87 @@ class _Job:
                            kept[1], kept[0], self.seconds)
 
 
-def _cascaded(jobs: list[_Job], original, converted, stream: ImageStream, cfg, device, clock, progress) -> None:
-    """Layer after layer, in call order: inputs from the converted network (already calibrated up to
-    this layer), targets from the original. A stack's steps are refit one after another."""
-    bar = tqdm(total=sum(j.passes for j in jobs), desc="calibrate", unit="pass", disable=not progress, leave=False)
-    for job in jobs:
-        bar.set_postfix_str(job.name)
-        t0 = time.perf_counter()
-        with clock("closed_form" if job.fits else "capture"):
-            for p in range(job.passes):
-                fit = job.new_fit(p)
-                for x_img, _ in stream.calibration():
-                    x_img = x_img.to(device)
-                    y = output_of(original, job.conv, x_img, job.name)
-                    x = input_of(converted, job.block, x_img, job.name)
-                    job.offer(p, fit, x, y)
-                if fit is not None:
-                    job.solve(fit)
-                bar.update(1)
-        with clock("gradient"):
-            job.refine()
-        job.seconds += time.perf_counter() - t0
-    bar.close()
+def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
+                 cfg: CalibrationConfig, device, batches: int, progress: bool) -> None:
+    """Streamed closed-form refits of every layer, in ``cfg.passes`` passes over the calibration images.
+
+    Each batch runs the original once (the targets of all layers; their inputs too in parallel
+    mode). In cascaded mode the converted network then runs once: when it reaches a replacement,
+    the replacement's steps take the batch and are refit in order, and the forward pass goes on
+    through the refit replacement. Refits happen after batches 1, 2, 4, 8, ... and the last, so
+    later layers see inputs from already fitted earlier layers. Memory: one batch of activations
+    plus O(channels²) statistics per layer, whatever the number of images.
+    """
+    fitting = [j for j in jobs if j.fit_steps]
+    if not fitting:
+        return
+    parallel = cfg.mode is Mode.PARALLEL
+    convs = {j.name: j.conv for j in fitting}
+    last = fitting[-1]
+    for p in range(cfg.passes):
+        for j in fitting:
+            j.start_fits()
+        bar = tqdm(total=batches, desc=f"closed form {p + 1}/{cfg.passes} ({cfg.mode.value})", unit="batch",
+                   disable=not progress, leave=False)
+        for b, (x_img, _) in enumerate(stream.calibration(), 1):
+            solve = b & (b - 1) == 0 or b == batches
+            x_img = x_img.to(device)
+            caught: dict[str, tuple] = {}
+
+            def keep(n: str, x: Tensor, y: Tensor) -> None:
+                caught[n] = (x if parallel else None, y)
+
+            each_call(original, convs, x_img, keep, stop_after=last.name)
+            if parallel:
+                for j in fitting:
+                    j.consume(*caught[j.name], solve)
+            else:
+                with hooks(pre={j.block: _consumer(j, caught, solve, j is last) for j in fitting}):
+                    run(converted, x_img)
+            del caught
+            bar.update(1)
+        bar.close()
+        for j in fitting:
+            j.finish_fits(first=p == 0)
 
 
-def _parallel(jobs: list[_Job], original, converted, stream: ImageStream, cfg, device, clock, progress) -> None:
-    """All layers at once: inputs and targets both from the original network."""
-    by_name = {j.name: j for j in jobs}
-    passes = max((j.passes for j in jobs), default=0)
-    bar = tqdm(total=passes, desc="calibrate (parallel)", unit="pass", disable=not progress, leave=False)
-    for p in range(passes):
-        active = [j for j in jobs if p < j.passes]
-        fits = {j.name: j.new_fit(p) for j in active}
-        t0 = time.perf_counter()
-        with clock("closed_form" if any(fits.values()) else "capture"):
-            for x_img, _ in stream.calibration():
-                each_call(original, {j.name: j.conv for j in active}, x_img.to(device),
-                          lambda n, x, y: by_name[n].offer(p, fits[n], x, y), stop_after=active[-1].name)
-            for j in active:
-                if fits[j.name] is not None:
-                    j.solve(fits[j.name])
-        share = (time.perf_counter() - t0) / max(len(active), 1)
-        for j in active:
-            j.seconds += share
-        bar.update(1)
-    bar.close()
-    with clock("gradient"):
-        for j in tqdm(jobs, desc="refine", disable=not progress, leave=False):
+def _consumer(job: _Job, caught: dict, solve: bool, last: bool):
+    """Pre-hook on a replacement in the converted network: feed it the batch it receives."""
+    seen: list[bool] = []
+
+    def pre(_m, args):
+        if job.busy or seen:  # our own step-input passes, or a second call of a shared module
+            return
+        seen.append(True)
+        job.consume(args[0], caught[job.name][1], solve)
+        if last:
+            raise StopForward
+    return pre
+
+
+def _gradient(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
+              cfg: CalibrationConfig, device, progress: bool) -> None:
+    """Adam refinement of whole blocks on sampled (input, target) pairs. Cascaded: layer after layer,
+    each block's pairs captured from the converted network as refined so far; parallel: all pairs
+    from one pass of the original."""
+    todo = [j for j in jobs if j.gradient]
+    if not todo:
+        return
+    by_name = {j.name: j for j in todo}
+    for j in todo:
+        j.reservoir = Reservoir(cfg.max_pixels, cfg.seed)
+    if cfg.mode is Mode.PARALLEL:
+        for x_img, _ in stream.calibration():
+            each_call(original, {j.name: j.conv for j in todo}, x_img.to(device),
+                      lambda n, x, y: by_name[n].reservoir.add(x, y), stop_after=todo[-1].name)
+    for j in tqdm(todo, desc=f"refine ({cfg.mode.value})", disable=not progress, leave=False):
+        if cfg.mode is Mode.CASCADED:
             t0 = time.perf_counter()
-            j.refine()
+            for x_img, _ in stream.calibration():
+                x_img = x_img.to(device)
+                j.reservoir.add(input_of(converted, j.block, x_img, j.name), output_of(original, j.conv, x_img, j.name))
             j.seconds += time.perf_counter() - t0
+        j.refine()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -52,10 +52,6 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
             shortest[better] = reduced[better]
             open_cost = np.where(seen_cols, np.inf, shortest)
             j = int(np.argmin(open_cost))
-            # among ties prefer a free column: it ends the path
-            ties = np.flatnonzero(open_cost == open_cost[j])
-            free = ties[row4col[ties] < 0]
-            j = int(free[0]) if free.size else j
             min_val = float(open_cost[j])
             seen_cols[j] = True
             if row4col[j] < 0:
@@ -77,13 +73,26 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
     return col4row
 
 
-def choose_assignment(importance: Tensor, neighbours: Tensor, rounds: int = 8) -> Assignment:
+def _solve_lap(cost: np.ndarray) -> np.ndarray:
+    """SciPy's compiled solver of the same problem when it is installed (it is not a dependency)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return linear_assignment(cost)
+    return linear_sum_assignment(cost)[1]
+
+
+def choose_assignment(importance: Tensor, neighbours: Tensor, rounds: int = 20, restarts: int = 2,
+                      seed: int = 0) -> Assignment:
     """Permutations that keep the most importance on a topology's connections.
+
+    Alternates exact linear assignments of the output and the input side, from the identity
+    order and from ``restarts`` seeded random input orders; keeps the best.
 
     Args:
         importance: ``(out, in)`` non-negative importance of each dense connection.
         neighbours: ``(out, c)`` input grid positions of each output grid position.
-        rounds: alternations at most (stops earlier when nothing improves).
+        rounds: alternations per start at most (a start ends when nothing improves).
     """
     s = importance.detach().double().cpu().clamp(min=0)
     n_out, n_in = s.shape
@@ -94,30 +103,30 @@ def choose_assignment(importance: Tensor, neighbours: Tensor, rounds: int = 8) -
     def score(ip: Tensor, op: Tensor) -> float:
         return float((s[op][:, ip] * keep).sum())
 
-    in_perm, out_perm = torch.arange(n_in), torch.arange(n_out)
-    identity = score(in_perm, out_perm)
-    best = identity
-    for _ in range(rounds):
-        # out channel r at out position q gains sum_p keep[q, p] S[r, in_perm[p]]
-        gain = s[:, in_perm] @ keep.T  # (out channel, out position)
-        out_perm = _perm_from(gain)
-        # in channel j at in position p gains sum_q keep[q, p] S[out_perm[q], j]
-        gain = s[out_perm].T @ keep  # (in channel, in position)
-        in_perm = _perm_from(gain)
-        now = score(in_perm, out_perm)
-        if now <= best * (1 + 1e-9):
-            best = max(best, now)
-            break
-        best = now
-    if best <= identity:
-        in_perm, out_perm, best = torch.arange(n_in), torch.arange(n_out), identity
+    identity = (torch.arange(n_in), torch.arange(n_out))
+    best, best_score = identity, score(*identity)
+    kept_identity = best_score
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(restarts + 1):
+        in_perm = identity[0] if start == 0 else torch.randperm(n_in, generator=gen)
+        now = -1.0
+        for _ in range(rounds):
+            # out channel r at out position q gains sum_p keep[q, p] S[r, in_perm[p]]
+            out_perm = _perm_from(s[:, in_perm] @ keep.T)  # (out channel, out position) gains
+            # in channel j at in position p gains sum_q keep[q, p] S[out_perm[q], j]
+            in_perm = _perm_from(s[out_perm].T @ keep)  # (in channel, in position) gains
+            prev, now = now, score(in_perm, out_perm)
+            if now > best_score:
+                best, best_score = (in_perm, out_perm), now
+            if now <= prev * (1 + 1e-12):  # each half-step is exact: the score never falls
+                break
     frac = (lambda v: v / total if total > 0 else 1.0)
-    return Assignment(in_perm, out_perm, frac(best), frac(identity))
+    return Assignment(best[0], best[1], frac(best_score), frac(kept_identity))
 
 
 def _perm_from(gain: Tensor) -> Tensor:
     """Position -> channel permutation maximizing ``Σ gain[channel, position]``."""
-    col = linear_assignment(-gain.numpy())  # channel -> position
+    col = _solve_lap(-gain.numpy())  # channel -> position
     perm = torch.empty(len(col), dtype=torch.long)
     perm[torch.as_tensor(col)] = torch.arange(len(col))
     return perm

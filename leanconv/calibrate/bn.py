@@ -28,9 +28,9 @@ BN = nn.modules.batchnorm._BatchNorm
 
 
 def _moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per-channel (sum, sum of squares, count) of ``x (N, C, ...)`` in float64."""
-    d = x.double().transpose(0, 1).reshape(x.shape[1], -1)  # (C, N*...)
-    return d.sum(1), d.pow(2).sum(1), d.shape[1]
+    """Per-channel (sum, sum of squares, count) of ``x (N, C, ...)``, summed in float64."""
+    dims = [0] + list(range(2, x.ndim))
+    return x.sum(dims, dtype=torch.float64), x.pow(2).sum(dims, dtype=torch.float64), x.numel() // x.shape[1]
 
 
 class _Acc:

@@ -30,9 +30,10 @@ class CalibrationConfig:
     batch_size: int = 32            # images per forward pass
     mode: Mode = Mode.CASCADED      # where each layer's inputs come from
     solver: Solver = Solver.AUTO    # which solvers run
+    passes: int = 1                 # streamed passes of the closed-form refits over the calibration images
     ridge: float = 1e-3             # ridge strength, relative to the mean diagonal of the Gram matrix
-    steps: int = 200                # Adam steps of gradient refinement per layer
-    lr: float = 1e-3                # Adam learning rate of gradient refinement
+    steps: int = 300                # Adam steps of gradient refinement per layer
+    lr: float = 3e-3                # Adam learning rate of gradient refinement (cosine-decayed)
     max_pixels: int = 65536         # captured input/target pixels kept per layer for gradient refinement
     assign: bool = True             # choose the channel -> grid assignment of topological layers
     recalibrate_bn: bool = True     # re-estimate BatchNorm statistics of the converted network
@@ -46,9 +47,9 @@ class CalibrationConfig:
 
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
-        for name in ("images", "batch_size", "steps", "max_pixels", "holdout", "refine_batch", "seed"):
+        for name in ("images", "batch_size", "passes", "steps", "max_pixels", "holdout", "refine_batch", "seed"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size", "refine_batch") and v < 1):
+            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size", "passes", "refine_batch") and v < 1):
                 raise ConfigError(f"calibration.{name}: must be a positive integer, got {v!r}")
         for name in ("ridge", "lr"):
             v = getattr(self, name)

@@ -76,9 +76,9 @@ def fidelity(original: nn.Module, converted: nn.Module, pairs: dict[str, tuple[n
                 if name in seen or name not in targets:
                     return
                 seen.add(name)
-                t = targets[name].double()
-                err[name] += float((out.double() - t).pow(2).sum())
-                ref[name] += float(t.pow(2).sum())
+                t = targets[name]
+                err[name] += float((out - t).pow(2).sum(dtype=torch.float64))
+                ref[name] += float(t.pow(2).sum(dtype=torch.float64))
             return post
         with hooks(post={blk: compare(n) for n, (_, blk) in pairs.items()} if targets else None):
             lc = logits_of(converted(x))

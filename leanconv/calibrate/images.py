@@ -29,7 +29,7 @@ class ImageStream:
         self.batch_size, self.seed = batch_size, seed
         if isinstance(data, str):
             spec = DataSpec.parse(data)
-            data = spec.dataset(train=True, input_size=input_size, channels=channels)
+            data = spec.dataset(train=True, input_size=input_size, channels=channels, augment=False)
             if holdout is None and holdout_images:
                 holdout = spec.dataset(train=False, input_size=input_size, channels=channels)
         elif isinstance(holdout, str):

@@ -93,8 +93,11 @@ class ProjectionFit:
         self.bottleneck = isinstance(layer, SpatialBottleneck)
         bias = layer.bias if self.bottleneck else proj.bias
         self.intercept = bias is not None
+        # fixed for the whole fit: the ridge prior, and the bias a bottleneck's targets are taken against
+        self.prior = projection_matrix(proj).detach().clone()  # (out, in)
+        self.bias0 = layer.bias.detach().clone() if self.bottleneck and layer.bias is not None else None
         dev = proj.weight.device
-        self.stats = RidgeStats(layer.project.in_channels, layer.project.out_channels, dev)
+        self.stats = RidgeStats(proj.in_channels, proj.out_channels, dev)
         self.y_sum = torch.zeros(layer.out_channels, dtype=torch.float64, device=dev)
         self.y_sq = torch.zeros_like(self.y_sum)
         self.y_n = 0
@@ -103,17 +106,16 @@ class ProjectionFit:
     def update(self, x: Tensor, target: Tensor) -> None:
         """Add a batch: ``x`` what the step receives, ``target`` what the whole replacement should give."""
         step, layer = self.step, self.step.layer
-        y = target.double()
-        self.y_sum += y.sum((0, 2, 3))
-        self.y_sq += y.pow(2).sum((0, 2, 3))
-        self.y_n += y.shape[0] * y.shape[2] * y.shape[3]
+        self.y_sum += target.sum((0, 2, 3), dtype=torch.float64)
+        self.y_sq += target.pow(2).sum((0, 2, 3), dtype=torch.float64)
+        self.y_n += target.shape[0] * target.shape[2] * target.shape[3]
         t = target - x if step.residual else target  # what the layer (after its norm) must add
         if step.norm is not None:
             scale, offset = _bn_affine(step.norm)
             t = (t - offset[:, None, None]) / scale[:, None, None]
         if self.bottleneck:
             g = layer.down(bottleneck_pad(x, layer.k, layer.offset))  # (N, in, h, w) reduced grid
-            t = self._reduced_target(t - (layer.bias.view(1, -1, 1, 1) if layer.bias is not None else 0))
+            t = self._reduced_target(t - (self.bias0.view(1, -1, 1, 1) if self.bias0 is not None else 0))
         else:
             g = layer.depthwise(x)  # (N, n, Ho, Wo)
         self.stats.update(_flat(g), _flat(t))
@@ -142,15 +144,15 @@ class ProjectionFit:
 
     @torch.no_grad()
     def solve(self, ridge: float, assign: bool) -> StepFit:
-        """Solve (choosing the grid assignment first for a topological projection) and write the
-        projection and bias into the layer.
+        """Solve on the samples so far and write the projection and bias into the layer. With
+        ``assign``, a topological projection's grid assignment is chosen first.
 
         Raises:
             NumericalError: non-finite statistics or solution; the layer is left as it was.
         """
         layer, proj = self.step.layer, self.step.layer.project
         where = f"{self.name} (layer {self.step.index})" if self.step.index or self.step.relu_after else self.name
-        prior = projection_matrix(proj).detach().clone()  # (out, in)
+        prior = self.prior
         chosen = None
         if isinstance(proj, TopoConv2d):
             if assign:
@@ -166,7 +168,7 @@ class ProjectionFit:
         if bias is not None:
             new = sol.bias
             if self.bottleneck:  # the reduced-grid intercept, spread by `up`, as one constant per channel
-                new = layer.bias.double() + new * layer.up.weight.double().mean((1, 2, 3))
+                new = self.bias0.double() + new * layer.up.weight.double().mean((1, 2, 3))
             if self.step.relu_after:
                 s = self.shift()
                 if self.step.norm is not None:
