@@ -66,6 +66,11 @@ def images(n: int, seed: int = 1, size: int = 12) -> torch.utils.data.TensorData
 
 EXACT = CalibrationConfig(images=96, batch_size=32, holdout=64, solver="closed_form", ridge=1e-10,
                           recalibrate_bn=False)
+SCHEDULES = ["layerwise", "streamed"]
+
+
+def exact(schedule: str, **changes) -> CalibrationConfig:
+    return CalibrationConfig.from_dict({**EXACT.to_dict(), "schedule": schedule, **changes})
 
 
 def assert_exact(report: CalibrationReport) -> None:
@@ -86,12 +91,13 @@ def perturb_projections(model: nn.Module, seed: int = 2) -> None:
 # --------------------------------------------------------------------------- exact cases
 
 
-def test_exact_unravel_b9_recovers_perturbed_projections():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_exact_unravel_b9_recovers_perturbed_projections(schedule):
     model = tiny_model()
     recipe = Recipe("unravel-b9", "", LayerSpec(Method.UNRAVEL, multiplier=9))
     converted, _ = leanconv.convert(model, recipe, torch.randn(1, 3, 12, 12))
     perturb_projections(converted)
-    report = leanconv.calibrate(model, converted, images(160), EXACT, progress=False)
+    report = leanconv.calibrate(model, converted, images(160), exact(schedule), progress=False)
     assert len(report.layers) == 2
     assert_exact(report)
 
@@ -102,7 +108,8 @@ def sic_kernel(layer: SICLayer) -> torch.Tensor:
     return p[:, :, None, None] * layer.depthwise.weight[:, 0][None]  # (out, in, k, k)
 
 
-def test_exact_sic_dense_from_representable_conv():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_exact_sic_dense_from_representable_conv(schedule):
     model = tiny_model()
     recipe = Recipe("sic-m1", "", LayerSpec(Method.SIC, depth=1))
     x = torch.randn(1, 3, 12, 12)
@@ -115,11 +122,12 @@ def test_exact_sic_dense_from_representable_conv():
             model.get_submodule(name).weight.copy_(sic_kernel(layer))
     converted, _ = leanconv.convert(model, recipe, x)
     perturb_projections(converted)
-    report = leanconv.calibrate(model, converted, images(160), EXACT, progress=False)
+    report = leanconv.calibrate(model, converted, images(160), exact(schedule), progress=False)
     assert_exact(report)
 
 
-def test_exact_sic_topological_from_representable_conv():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_exact_sic_topological_from_representable_conv(schedule):
     """A conv that is exactly a topological SIC layer; the start's projection is perturbed. The
     assignment search keeps the identity order (it already keeps everything) and the masked
     closed-form solve recovers the layer."""
@@ -135,8 +143,7 @@ def test_exact_sic_topological_from_representable_conv():
             model.get_submodule(name).weight.copy_(sic_kernel(layer))
     converted, _ = leanconv.convert(model, recipe, x)
     perturb_projections(converted)
-    cfg = CalibrationConfig.from_dict({**EXACT.to_dict(), "assign": True})
-    report = leanconv.calibrate(model, converted, images(160), cfg, progress=False)
+    report = leanconv.calibrate(model, converted, images(160), exact(schedule, assign=True), progress=False)
     for l in report.layers:
         assert l.kept_identity == pytest.approx(1.0) and l.kept == pytest.approx(1.0), (l.name, l.kept)
     assert_exact(report)
@@ -191,13 +198,27 @@ def test_calibration_beats_datafree_on_trained_network(trained, recipe):
     assert a.agreement > b.agreement, (b.agreement, a.agreement)
 
 
-def test_parallel_mode_on_trained_network(trained):
+@pytest.mark.parametrize("mode,schedule", [("cascaded", "streamed"), ("parallel", "streamed"),
+                                           ("parallel", "layerwise")])
+def test_other_modes_and_schedules_on_trained_network(trained, mode, schedule):
     model, data = trained
     converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 1, 28, 28))
-    cfg = CalibrationConfig(images=96, holdout=128, steps=60, mode="parallel")
+    cfg = CalibrationConfig(images=96, holdout=128, steps=40, mode=mode, schedule=schedule)
     report = leanconv.calibrate(model, converted, data, cfg, progress=False)
-    assert all(l.error_after < l.error_before for l in report.layers)
+    assert all(l.error_after < l.error_before for l in report.layers), [(l.error_before, l.error_after)
+                                                                         for l in report.layers]
     assert report.after.agreement > report.before.agreement
+
+
+def test_streamed_closed_form_reestimates_batchnorms_in_the_same_pass(trained):
+    model, data = trained
+    converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 1, 28, 28))
+    cfg = CalibrationConfig(images=96, holdout=128, schedule="streamed")
+    report = leanconv.calibrate(model, converted, data, cfg, progress=False)
+    assert "closed_form+batchnorm" in report.stages and "batchnorm" not in report.stages
+    assert report.batchnorms == 9  # every BatchNorm of SmallResNet
+    assert all(l.error_after < l.error_before for l in report.layers)
+    assert report.after.kl < report.before.kl
 
 
 # --------------------------------------------------------------------------- solver math
@@ -300,13 +321,14 @@ class FailingData:
             yield self.x[i:i + 16]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("fail_on", [2, 4, 6])
-def test_hooks_never_leak_and_the_model_is_restored_when_a_batch_raises(fail_on):
+def test_hooks_never_leak_and_the_model_is_restored_when_a_batch_raises(fail_on, schedule):
     model = tiny_model()
     converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 12, 12))
     start = {k: v.clone() for k, v in converted.state_dict().items()}
     data = FailingData(torch.randn(64, 3, 12, 12), fail_on)
-    cfg = CalibrationConfig(images=32, holdout=32, steps=5)
+    cfg = CalibrationConfig(images=32, holdout=32, steps=5, schedule=schedule)
     with pytest.raises(RuntimeError, match="disk on fire"):
         leanconv.calibrate(model, converted, data, cfg, progress=False)
     assert no_hooks(model, converted)

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.calibrate.capture import StopForward, call_order, each_call, hooks, input_of, output_of, run
-from leanconv.calibrate.config import CalibrationConfig, Mode, Solver
+from leanconv.calibrate.config import CalibrationConfig, Mode, Schedule, Solver
 from leanconv.calibrate.evaluate import fidelity
-from leanconv.calibrate.bn import recalibrate_bn
+from leanconv.calibrate.bn import BatchNormMatcher, recalibrate_bn
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import RefineResult, Reservoir, refine
 from leanconv.calibrate.report import CalibrationReport, LayerReport
@@ -61,23 +61,38 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
                 first = next(iter(stream.calibration()))[0].to(device)
             order = call_order(converted, {n: blk for n, (_, blk) in pairs.items()}, first)
             pairs = {n: pairs[n] for n in order}
+            t0 = time.perf_counter()
             with clock("evaluate"):
                 split, eval_batches = "holdout", stream.holdout
                 before = fidelity(original, converted, pairs, eval_batches(), device)
                 if before.images == 0:
                     split, eval_batches = "calibration", stream.calibration
                     before = fidelity(original, converted, pairs, eval_batches(), device)
+            per_image = (time.perf_counter() - t0) / max(before.images, 1)  # both networks, full passes
             jobs = [_Job.plan(n, conv, blk, cfg) for n, (conv, blk) in pairs.items()]
             if cfg.assign:
                 with clock("assign"):
                     for job in jobs:
                         job.assign_datafree()
-            with clock("closed_form"):
-                _closed_form(jobs, original, converted, stream, cfg, device, -(-images // cfg.batch_size), progress)
+            # BatchNorms are re-estimated within the last streamed closed-form pass, unless gradient
+            # refinement follows it (then in a pass of their own at the end)
+            fitting = any(j.fit_steps for j in jobs)
+            layerwise = _layerwise(cfg, jobs, per_image * images)
+            joint = cfg.recalibrate_bn and fitting and not layerwise and not any(j.gradient for j in jobs)
+            matcher = BatchNormMatcher(original, converted) if joint else None
+            if fitting and layerwise:
+                with clock("closed_form"):
+                    _layer_by_layer(jobs, original, converted, stream, cfg, device, progress)
+            elif fitting:
+                with clock("closed_form+batchnorm" if joint else "closed_form"):
+                    _closed_form(jobs, original, converted, stream, cfg, device, -(-images // cfg.batch_size),
+                                 progress, matcher)
             with clock("gradient"):
                 _gradient(jobs, original, converted, stream, cfg, device, progress)
-            solved = None
-            if cfg.recalibrate_bn:
+            solved, bns = None, []
+            if joint:
+                bns = matcher.apply()
+            elif cfg.recalibrate_bn:
                 with clock("evaluate"):
                     solved = fidelity(original, converted, pairs, eval_batches(), device, before.reference).end
                 with clock("batchnorm"):
@@ -89,7 +104,7 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
             raise
     layers = tuple(j.report(before.layers.get(j.name), after.layers.get(j.name)) for j in jobs)
     return CalibrationReport(cfg.to_dict(), str(device), images, before.images, split, layers, before.end,
-                             after.end, solved, len(bns) if cfg.recalibrate_bn else 0, dict(clock.stages),
+                             after.end, solved, len(bns), dict(clock.stages),
                              clock.total())
 
 
@@ -209,7 +224,8 @@ class _Job:
 
 
 def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
-                 cfg: CalibrationConfig, device, batches: int, progress: bool) -> None:
+                 cfg: CalibrationConfig, device, batches: int, progress: bool,
+                 bn: BatchNormMatcher | None = None) -> None:
     """Streamed closed-form refits of every layer, in ``cfg.passes`` passes over the calibration images.
 
     Each batch runs the original once (the targets of all layers; their inputs too in parallel
@@ -218,14 +234,16 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
     through the refit replacement. Refits happen after batches 1, 2, 4, 8, ... and the last, so
     later layers see inputs from already fitted earlier layers. Memory: one batch of activations
     plus O(channels²) statistics per layer, whatever the number of images.
+
+    With ``bn``, the last pass also re-estimates the BatchNorm statistics (see ``calibrate.bn``):
+    both networks then run to the end, and every layer is fitted on BatchNorm-corrected inputs.
     """
     fitting = [j for j in jobs if j.fit_steps]
-    if not fitting:
-        return
     parallel = cfg.mode is Mode.PARALLEL
     convs = {j.name: j.conv for j in fitting}
     last = fitting[-1]
     for p in range(cfg.passes):
+        with_bn = bn if p == cfg.passes - 1 else None
         for j in fitting:
             j.start_fits()
         bar = tqdm(total=batches, desc=f"closed form {p + 1}/{cfg.passes} ({cfg.mode.value})", unit="batch",
@@ -238,12 +256,18 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
             def keep(n: str, x: Tensor, y: Tensor) -> None:
                 caught[n] = (x if parallel else None, y)
 
-            each_call(original, convs, x_img, keep, stop_after=last.name)
+            with hooks(pre=with_bn.original_hooks() if with_bn else None):
+                each_call(original, convs, x_img, keep, stop_after=None if with_bn else last.name)
             if parallel:
                 for j in fitting:
                     j.consume(*caught[j.name], solve)
+                if with_bn:
+                    with hooks(post=with_bn.converted_hooks()):
+                        converted(x_img)
             else:
-                with hooks(pre={j.block: _consumer(j, caught, solve, j is last) for j in fitting}):
+                stop = None if with_bn else last
+                with hooks(pre={j.block: _consumer(j, caught, solve, j is stop, with_bn) for j in fitting},
+                           post=with_bn.converted_hooks() if with_bn else None):
                     run(converted, x_img)
             del caught
             bar.update(1)
@@ -252,7 +276,45 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
             j.finish_fits(first=p == 0)
 
 
-def _consumer(job: _Job, caught: dict, solve: bool, last: bool):
+def _layer_by_layer(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
+                    cfg: CalibrationConfig, device, progress: bool) -> None:
+    """Exact cascade: layer after layer and, inside a replacement, step after step, one pass over the
+    calibration images each, every refit on inputs from the final versions of everything before it.
+    The forward passes stop at the layer being fitted; still, this costs about (steps x layers / 2)
+    full passes where the streamed pass costs one."""
+    fitting = [j for j in jobs if j.fit_steps]
+    bar = tqdm(total=sum(len(j.fit_steps) for j in fitting), desc="closed form (layer by layer)", unit="pass",
+               disable=not progress, leave=False)
+    for j in fitting:
+        j.start_fits()
+        every = j.fits
+        for fit in every:
+            j.fits = [fit]
+            for x_img, _ in stream.calibration():
+                x_img = x_img.to(device)
+                y = output_of(original, j.conv, x_img, j.name)
+                x = input_of(original, j.conv, x_img, j.name) if cfg.mode is Mode.PARALLEL else \
+                    input_of(converted, j.block, x_img, j.name)
+                j.consume(x, y, solve=False)
+            j.last_fit[fit.step.index] = j._solve(fit)
+            bar.update(1)
+        j.fits = every
+        j.finish_fits(first=True)
+    bar.close()
+
+
+def _layerwise(cfg: CalibrationConfig, jobs: list[_Job], full_pass: float) -> bool:
+    """Whether the closed-form refits run layer by layer (an exact cascade) rather than streamed.
+
+    AUTO estimates the layer-wise time as half a full pass of both networks per refit step (the
+    passes stop at the layer being fitted) and takes it when that fits ``layerwise_budget``.
+    """
+    if cfg.schedule is not Schedule.AUTO:
+        return cfg.schedule is Schedule.LAYERWISE
+    return 0.5 * full_pass * sum(len(j.fit_steps) for j in jobs) <= cfg.layerwise_budget
+
+
+def _consumer(job: _Job, caught: dict, solve: bool, stop: bool, bn: BatchNormMatcher | None):
     """Pre-hook on a replacement in the converted network: feed it the batch it receives."""
     seen: list[bool] = []
 
@@ -260,8 +322,14 @@ def _consumer(job: _Job, caught: dict, solve: bool, last: bool):
         if job.busy or seen:  # our own step-input passes, or a second call of a shared module
             return
         seen.append(True)
-        job.consume(args[0], caught[job.name][1], solve)
-        if last:
+        if bn is not None:
+            bn.paused = True  # the step-input passes are not part of the BatchNorm statistics
+        try:
+            job.consume(args[0], caught[job.name][1], solve)
+        finally:
+            if bn is not None:
+                bn.paused = False
+        if stop:
             raise StopForward
     return pre
 

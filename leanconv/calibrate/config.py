@@ -15,6 +15,12 @@ class Mode(str, enum.Enum):
     PARALLEL = "parallel"  # inputs and targets both from the original
 
 
+class Schedule(str, enum.Enum):
+    AUTO = "auto"            # layer-wise when its estimated time fits layerwise_budget, else streamed
+    LAYERWISE = "layerwise"  # layer after layer, step after step, one pass each: an exact cascade
+    STREAMED = "streamed"    # all layers in one pass, refit as the batches stream through (approximate)
+
+
 class Solver(str, enum.Enum):
     DATAFREE = "datafree"        # keep the data-free start
     CLOSED_FORM = "closed_form"  # ridge least-squares refits of projections
@@ -30,7 +36,10 @@ class CalibrationConfig:
     batch_size: int = 32            # images per forward pass
     mode: Mode = Mode.CASCADED      # where each layer's inputs come from
     solver: Solver = Solver.AUTO    # which solvers run
-    passes: int = 1                 # streamed passes of the closed-form refits over the calibration images
+    schedule: Schedule = Schedule.AUTO  # order of the closed-form refits (layer-wise costs about
+                                    # refit steps x layers / 2 passes over the images, streamed one)
+    layerwise_budget: float = 300.0  # seconds: the most an AUTO schedule lets the layer-wise cascade take
+    passes: int = 1                 # passes of the streamed schedule over the calibration images
     ridge: float = 1e-3             # ridge strength, relative to the mean diagonal of the Gram matrix
     steps: int = 300                # Adam steps of gradient refinement per layer
     lr: float = 3e-3                # Adam learning rate of gradient refinement (cosine-decayed)
@@ -47,11 +56,12 @@ class CalibrationConfig:
 
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
+        object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "calibration.schedule"))
         for name in ("images", "batch_size", "passes", "steps", "max_pixels", "holdout", "refine_batch", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size", "passes", "refine_batch") and v < 1):
                 raise ConfigError(f"calibration.{name}: must be a positive integer, got {v!r}")
-        for name in ("ridge", "lr"):
+        for name in ("ridge", "lr", "layerwise_budget"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"calibration.{name}: must be a number >= 0, got {v!r}")

@@ -77,8 +77,9 @@ def fidelity(original: nn.Module, converted: nn.Module, pairs: dict[str, tuple[n
                     return
                 seen.add(name)
                 t = targets[name]
-                err[name] += float((out - t).pow(2).sum(dtype=torch.float64))
-                ref[name] += float(t.pow(2).sum(dtype=torch.float64))
+                d = out - t
+                err[name] += float((d * d).sum())
+                ref[name] += float((t * t).sum())
             return post
         with hooks(post={blk: compare(n) for n, (_, blk) in pairs.items()} if targets else None):
             lc = logits_of(converted(x))

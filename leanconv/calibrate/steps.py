@@ -106,8 +106,8 @@ class ProjectionFit:
     def update(self, x: Tensor, target: Tensor) -> None:
         """Add a batch: ``x`` what the step receives, ``target`` what the whole replacement should give."""
         step, layer = self.step, self.step.layer
-        self.y_sum += target.sum((0, 2, 3), dtype=torch.float64)
-        self.y_sq += target.pow(2).sum((0, 2, 3), dtype=torch.float64)
+        self.y_sum += target.sum((0, 2, 3)).double()
+        self.y_sq += (target * target).sum((0, 2, 3)).double()
         self.y_n += target.shape[0] * target.shape[2] * target.shape[3]
         t = target - x if step.residual else target  # what the layer (after its norm) must add
         if step.norm is not None:
