@@ -10,5 +10,5 @@ from leanconv.serialize import load, load_plan, save
 __version__ = "0.1.0"
 
 __all__ = ["CalibrationConfig", "CalibrationReport", "ConfigError", "ConversionPlan", "DataError", "LayerPlan",
-           "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe", "calibrate", "convert", "get_recipe", "list_recipes", "load",
-           "load_plan", "save"]
+           "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe", "calibrate", "convert", "get_recipe",
+           "list_recipes", "load", "load_plan", "save"]

@@ -1,6 +1,7 @@
 """Calibration: exact recovery, gains on a trained network, solver math, hooks, errors, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -61,7 +62,8 @@ def tiny_model(seed: int = 0) -> Tiny:
 
 def images(n: int, seed: int = 1, size: int = 12) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+    x = torch.randn(n, 3, size, size, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.randint(0, 10, (n,), generator=g))
 
 
 EXACT = CalibrationConfig(images=96, batch_size=32, holdout=64, solver="closed_form", ridge=1e-10,
@@ -363,6 +365,38 @@ def test_bad_or_empty_data_is_a_data_error(data):
     converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 12, 12))
     with pytest.raises(leanconv.DataError):
         leanconv.calibrate(model, converted, data, CalibrationConfig(images=8, holdout=8), progress=False)
+
+
+def test_every_data_form_is_accepted():
+    model = tiny_model()
+    ds = images(80)
+    cfg = CalibrationConfig(images=32, holdout=16, batch_size=8, solver="closed_form")
+    forms = {
+        "dataset": ds,
+        "shuffled loader": torch.utils.data.DataLoader(ds, batch_size=5, shuffle=True),  # read in our fixed order
+        "loader": torch.utils.data.DataLoader(ds, batch_size=5),
+        "tensors": list(ds.tensors[0].split(7)),
+        "generator": ((x, y) for x, y in zip(ds.tensors[0].split(6), ds.tensors[1].split(6))),
+        "dicts": [{"image": x, "label": y} for x, y in zip(ds.tensors[0].split(9), ds.tensors[1].split(9))],
+    }
+    reports = {}
+    for name, data in forms.items():
+        converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 12, 12))
+        reports[name] = leanconv.calibrate(model, converted, data, cfg, progress=False)
+        r = reports[name]
+        assert (r.images, r.eval_images, r.eval_split) == (32, 16, "holdout"), name
+        assert all(l.error_after < l.error_before for l in r.layers), name
+    assert reports["shuffled loader"].layers == tuple(
+        dataclasses.replace(l, seconds=r.seconds) for l, r in zip(reports["dataset"].layers,
+                                                                   reports["shuffled loader"].layers))
+
+
+def test_few_images_fall_back_to_evaluating_on_the_calibration_images():
+    model = tiny_model()
+    converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 12, 12))
+    report = leanconv.calibrate(model, converted, images(20), CalibrationConfig(images=32, holdout=16),
+                                progress=False)
+    assert (report.images, report.eval_images, report.eval_split) == (20, 20, "calibration")
 
 
 def test_nothing_converted_is_a_config_error():

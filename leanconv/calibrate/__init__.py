@@ -4,5 +4,5 @@ from leanconv.calibrate.config import CalibrationConfig, Mode, Schedule, Solver
 from leanconv.calibrate.evaluate import EndToEnd
 from leanconv.calibrate.report import CalibrationReport, LayerReport
 
-__all__ = ["CalibrationConfig", "CalibrationReport", "EndToEnd", "LayerReport", "Mode", "Schedule", "Solver", "calibrate",
-           "converted_pairs"]
+__all__ = ["CalibrationConfig", "CalibrationReport", "EndToEnd", "LayerReport", "Mode", "Schedule", "Solver",
+           "calibrate", "converted_pairs"]

@@ -281,8 +281,14 @@ def _layer_by_layer(jobs: list[_Job], original: nn.Module, converted: nn.Module,
     """Exact cascade: layer after layer and, inside a replacement, step after step, one pass over the
     calibration images each, every refit on inputs from the final versions of everything before it.
     The forward passes stop at the layer being fitted; still, this costs about (steps x layers / 2)
-    full passes where the streamed pass costs one."""
+    full passes where the streamed pass costs one.
+
+    With ``cfg.recalibrate_bn``, the converted network's BatchNorms normalize each batch with its
+    corrected statistics during these passes (see ``calibrate.bn``), so each layer is fitted on the
+    inputs it will see once the statistics are re-estimated at the end.
+    """
     fitting = [j for j in jobs if j.fit_steps]
+    bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None  # its sums are not used
     bar = tqdm(total=sum(len(j.fit_steps) for j in fitting), desc="closed form (layer by layer)", unit="pass",
                disable=not progress, leave=False)
     for j in fitting:
@@ -292,9 +298,13 @@ def _layer_by_layer(jobs: list[_Job], original: nn.Module, converted: nn.Module,
             j.fits = [fit]
             for x_img, _ in stream.calibration():
                 x_img = x_img.to(device)
-                y = output_of(original, j.conv, x_img, j.name)
-                x = input_of(original, j.conv, x_img, j.name) if cfg.mode is Mode.PARALLEL else \
-                    input_of(converted, j.block, x_img, j.name)
+                with hooks(pre=bn.original_hooks() if bn else None):
+                    y = output_of(original, j.conv, x_img, j.name)
+                if cfg.mode is Mode.PARALLEL:
+                    x = input_of(original, j.conv, x_img, j.name)
+                else:
+                    with hooks(post=bn.converted_hooks() if bn else None):
+                        x = input_of(converted, j.block, x_img, j.name)
                 j.consume(x, y, solve=False)
             j.last_fit[fit.step.index] = j._solve(fit)
             bar.update(1)

@@ -38,9 +38,10 @@ class CalibrationConfig:
     solver: Solver = Solver.AUTO    # which solvers run
     schedule: Schedule = Schedule.AUTO  # order of the closed-form refits (layer-wise costs about
                                     # refit steps x layers / 2 passes over the images, streamed one)
-    layerwise_budget: float = 300.0  # seconds: the most an AUTO schedule lets the layer-wise cascade take
+    layerwise_budget: float = 60.0  # seconds: the most an AUTO schedule lets the layer-wise cascade take
     passes: int = 1                 # passes of the streamed schedule over the calibration images
-    ridge: float = 1e-3             # ridge strength, relative to the mean diagonal of the Gram matrix
+    ridge: float = 1e-3             # ridge strength relative to the Gram matrix's mean diagonal; it
+                                    # shrinks towards the data-free start (so an exact start stays exact)
     steps: int = 300                # Adam steps of gradient refinement per layer
     lr: float = 3e-3                # Adam learning rate of gradient refinement (cosine-decayed)
     max_pixels: int = 65536         # captured input/target pixels kept per layer for gradient refinement
@@ -57,9 +58,10 @@ class CalibrationConfig:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
         object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "calibration.schedule"))
-        for name in ("images", "batch_size", "passes", "steps", "max_pixels", "holdout", "refine_batch", "seed"):
+        at_least_one = ("images", "batch_size", "passes", "refine_batch")
+        for name in at_least_one + ("steps", "max_pixels", "holdout", "seed"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0 or (name in ("images", "batch_size", "passes", "refine_batch") and v < 1):
+            if not isinstance(v, int) or v < (1 if name in at_least_one else 0):
                 raise ConfigError(f"calibration.{name}: must be a positive integer, got {v!r}")
         for name in ("ridge", "lr", "layerwise_budget"):
             v = getattr(self, name)
