@@ -68,33 +68,13 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
                 if before.images == 0:
                     split, eval_batches = "calibration", stream.calibration
                     before = fidelity(original, converted, pairs, eval_batches(), device)
-            per_image = (time.perf_counter() - t0) / max(before.images, 1)  # both networks, full passes
+            full_pass = (time.perf_counter() - t0) / max(before.images, 1) * images  # both networks
             jobs = [_Job.plan(n, conv, blk, cfg) for n, (conv, blk) in pairs.items()]
-            if cfg.assign:
-                with clock("assign"):
-                    for job in jobs:
-                        job.assign_datafree()
-            # BatchNorms are re-estimated within the last streamed closed-form pass, unless gradient
-            # refinement follows it (then in a pass of their own at the end)
-            fitting = any(j.fit_steps for j in jobs)
-            layerwise = _layerwise(cfg, jobs, per_image * images)
-            joint = cfg.recalibrate_bn and fitting and not layerwise and not any(j.gradient for j in jobs)
-            matcher = BatchNormMatcher(original, converted) if joint else None
-            if fitting and layerwise:
-                with clock("closed_form"):
-                    _layer_by_layer(jobs, original, converted, stream, cfg, device, progress)
-            elif fitting:
-                with clock("closed_form+batchnorm" if joint else "closed_form"):
-                    _closed_form(jobs, original, converted, stream, cfg, device, -(-images // cfg.batch_size),
-                                 progress, matcher)
-            with clock("gradient"):
-                _gradient(jobs, original, converted, stream, cfg, device, progress)
-            solved, bns = None, []
-            if joint:
-                bns = matcher.apply()
-            elif cfg.recalibrate_bn:
+            schedule, bns = _solve(jobs, original, converted, stream, cfg, device, clock, progress, full_pass)
+            before_bn = None
+            if cfg.recalibrate_bn and bns is None:  # a BatchNorm pass of its own
                 with clock("evaluate"):
-                    solved = fidelity(original, converted, pairs, eval_batches(), device, before.reference).end
+                    before_bn = fidelity(original, converted, pairs, eval_batches(), device, before.reference).end
                 with clock("batchnorm"):
                     bns = recalibrate_bn(original, converted, stream.calibration(), device)
             with clock("evaluate"):
@@ -104,8 +84,37 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
             raise
     layers = tuple(j.report(before.layers.get(j.name), after.layers.get(j.name)) for j in jobs)
     return CalibrationReport(cfg.to_dict(), str(device), images, before.images, split, layers, before.end,
-                             after.end, solved, len(bns), dict(clock.stages),
-                             clock.total())
+                             after.end, before_bn, len(bns or ()), dict(clock.stages), clock.total(), schedule)
+
+
+def _solve(jobs: list["_Job"], original: nn.Module, converted: nn.Module, stream: ImageStream,
+           cfg: CalibrationConfig, device, clock: "_Clock", progress: bool,
+           full_pass: float) -> tuple[str | None, list[str] | None]:
+    """Grid assignment, closed-form refits and gradient refinement of every job.
+
+    Returns the closed-form schedule that ran (None when none did) and, when the BatchNorms were
+    re-estimated along the way (in the streamed pass, when no gradient refinement follows it), their
+    names; None when they still need a pass of their own.
+    """
+    if cfg.assign:
+        with clock("assign"):
+            for job in jobs:
+                job.assign_datafree()
+    fitting = any(j.fit_steps for j in jobs)
+    layerwise = _layerwise(cfg, jobs, full_pass)
+    joint = cfg.recalibrate_bn and fitting and not layerwise and not any(j.gradient for j in jobs)
+    matcher = BatchNormMatcher(original, converted) if joint else None
+    if fitting and layerwise:
+        with clock("closed_form"):
+            _layer_by_layer(jobs, original, converted, stream, cfg, device, progress)
+    elif fitting:
+        with clock("closed_form+batchnorm" if joint else "closed_form"):
+            _closed_form(jobs, original, converted, stream, cfg, device, -(-stream.count // cfg.batch_size),
+                         progress, matcher)
+    with clock("gradient"):
+        _gradient(jobs, original, converted, stream, cfg, device, progress)
+    schedule = (Schedule.LAYERWISE if layerwise else Schedule.STREAMED).value if fitting else None
+    return schedule, matcher.apply() if joint else None
 
 
 def converted_pairs(original: nn.Module, converted: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
@@ -297,20 +306,27 @@ def _layer_by_layer(jobs: list[_Job], original: nn.Module, converted: nn.Module,
         for fit in every:
             j.fits = [fit]
             for x_img, _ in stream.calibration():
-                x_img = x_img.to(device)
-                with hooks(pre=bn.original_hooks() if bn else None):
-                    y = output_of(original, j.conv, x_img, j.name)
-                if cfg.mode is Mode.PARALLEL:
-                    x = input_of(original, j.conv, x_img, j.name)
-                else:
-                    with hooks(post=bn.converted_hooks() if bn else None):
-                        x = input_of(converted, j.block, x_img, j.name)
-                j.consume(x, y, solve=False)
+                j.consume(*_pair(j, original, converted, x_img.to(device), cfg.mode, bn), solve=False)
             j.last_fit[fit.step.index] = j._solve(fit)
             bar.update(1)
         j.fits = every
         j.finish_fits(first=True)
     bar.close()
+
+
+def _pair(job: _Job, original: nn.Module, converted: nn.Module, x_img: Tensor, mode: Mode,
+          bn: BatchNormMatcher | None) -> tuple[Tensor, Tensor]:
+    """(input, target) of one job on a batch of images, each network run only as far as needed.
+
+    Cascaded, the input comes from the converted network, whose BatchNorms (with ``bn``) normalize
+    with the batch's corrected statistics, as they will once re-estimated at the end.
+    """
+    with hooks(pre=bn.original_hooks() if bn else None):
+        y = output_of(original, job.conv, x_img, job.name)
+    if mode is Mode.PARALLEL:
+        return input_of(original, job.conv, x_img, job.name), y
+    with hooks(post=bn.converted_hooks() if bn else None):
+        return input_of(converted, job.block, x_img, job.name), y
 
 
 def _layerwise(cfg: CalibrationConfig, jobs: list[_Job], full_pass: float) -> bool:
@@ -359,12 +375,12 @@ def _gradient(jobs: list[_Job], original: nn.Module, converted: nn.Module, strea
         for x_img, _ in stream.calibration():
             each_call(original, {j.name: j.conv for j in todo}, x_img.to(device),
                       lambda n, x, y: by_name[n].reservoir.add(x, y), stop_after=todo[-1].name)
+    bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None  # its sums are not used
     for j in tqdm(todo, desc=f"refine ({cfg.mode.value})", disable=not progress, leave=False):
         if cfg.mode is Mode.CASCADED:
             t0 = time.perf_counter()
             for x_img, _ in stream.calibration():
-                x_img = x_img.to(device)
-                j.reservoir.add(input_of(converted, j.block, x_img, j.name), output_of(original, j.conv, x_img, j.name))
+                j.reservoir.add(*_pair(j, original, converted, x_img.to(device), cfg.mode, bn))
             j.seconds += time.perf_counter() - t0
         j.refine()
 

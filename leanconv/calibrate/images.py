@@ -27,6 +27,7 @@ class ImageStream:
     def __init__(self, data, images: int, batch_size: int, holdout_images: int = 0, holdout=None,
                  seed: int = 0, channels: int = 1, input_size: int | None = None) -> None:
         self.batch_size, self.seed = batch_size, seed
+        self.count = 0  # calibration images, known after check()
         if isinstance(data, str):
             spec = DataSpec.parse(data)
             data = spec.dataset(train=True, input_size=input_size, channels=channels, augment=False)
@@ -56,6 +57,7 @@ class ImageStream:
         n = sum(len(x) for x, _ in self.calibration())
         if n == 0:
             raise DataError("the calibration data yielded no images")
+        self.count = n
         return n
 
     def holdout_count(self) -> int:

@@ -42,10 +42,11 @@ class CalibrationReport:
     layers: tuple[LayerReport, ...]
     before: EndToEnd                  # data-free start
     after: EndToEnd                   # after calibration
-    solved: EndToEnd | None = None    # after the solves, before BatchNorm re-estimation
+    before_bn: EndToEnd | None = None  # after the solves, before a BatchNorm pass of its own
     batchnorms: int = 0               # BatchNorms whose statistics were re-estimated
     stages: dict = field(default_factory=dict)  # wall seconds per stage
     seconds: float = 0.0
+    schedule: str | None = None       # closed-form schedule that ran: "layerwise" | "streamed"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,7 +57,7 @@ class CalibrationReport:
     def from_dict(cls, d: dict) -> "CalibrationReport":
         d = dict(d)
         d["layers"] = tuple(LayerReport.from_dict(l) for l in d["layers"])
-        for k in ("before", "after", "solved"):
+        for k in ("before", "after", "before_bn"):
             if d.get(k) is not None:
                 d[k] = EndToEnd(**d[k])
         return cls(**d)
@@ -71,16 +72,17 @@ class CalibrationReport:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("")
-        lines.append(f"end to end on {self.eval_images} {self.eval_split} images "
-                     f"({self.images} calibration images, {self.config.get('mode')}, {self.config.get('solver')}, "
-                     f"{self.device}):")
+        how = ", ".join(str(v) for v in (self.config.get("mode"), self.config.get("solver"), self.schedule,
+                                         self.device) if v)
+        lines.append(f"end to end on {self.eval_images} {self.eval_split} images ({self.images} calibration "
+                     f"images; {how}):")
         stages = [("data-free", self.before)]
-        if self.solved is not None:
-            stages.append(("solved", self.solved))
+        if self.before_bn is not None:
+            stages.append(("before BN", self.before_bn))
         stages.append(("calibrated", self.after))
         for label, e in stages:
             acc = f", accuracy {_p(e.accuracy)} (original {_p(e.accuracy_original)})" if e.accuracy is not None else ""
-            lines.append(f"  {label:<11} top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
+            lines.append(f"  {label:<10}  top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
         times = ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items())
         lines.append(f"time {self.seconds:.1f}s ({times}); {self.batchnorms} BatchNorms re-estimated")
         return "\n".join(lines)
