@@ -13,7 +13,7 @@ from torch import nn
 import leanconv
 from leanconv.calibrate import CalibrationConfig, CalibrationReport
 from leanconv.calibrate.assign import choose_assignment, linear_assignment
-from leanconv.calibrate.ridge import RidgeStats, ridge_solve
+from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
 from leanconv.layers import SICLayer, TopoConv2d, Topology, UnraveledConv
 from leanconv.layers.projection import projection_matrix
 from leanconv.recipes import LayerSpec, Method, Recipe
@@ -243,6 +243,24 @@ def test_streamed_ridge_matches_least_squares():
     assert abs(sol.residual - resid) < 1e-6 * float(y.double().pow(2).sum())
 
 
+def test_validation_error_from_statistics_matches_the_direct_error():
+    g = torch.Generator().manual_seed(5)
+    feats, y = torch.randn(300, 5, generator=g) + 2.0, torch.randn(300, 3, generator=g)
+    stats = RidgeStats(5, 3)
+    stats.update(feats, y)
+    w, b = torch.randn(3, 5, generator=g).double(), torch.randn(3, generator=g).double()
+    direct = float((y.double() - feats.double() @ w.T - b).pow(2).sum())
+    assert squared_error(stats, w, b) == pytest.approx(direct, rel=1e-6)
+    folds = (RidgeStats(5, 3), RidgeStats(5, 3))
+    ref = (feats.mean(0), y.mean(0))
+    folds[0].update(feats[:150], y[:150], ref)
+    folds[1].update(feats[150:], y[150:], ref)
+    merged = folds[0].merged(folds[1])
+    a, b = merged.moments(True).gg, stats.moments(True).gg
+    assert (a - b).abs().max() < 1e-5 * b.abs().max(), (a - b).abs().max()
+    assert choose_ridge(folds, [1e-6, 1e-3, 1.0, 1e3], torch.zeros(3, 5)) in (1e-6, 1e-3, 1.0, 1e3)
+
+
 def test_masked_ridge_solves_each_row_on_its_connections():
     g = torch.Generator().manual_seed(1)
     feats, y = torch.randn(500, 8, generator=g), torch.randn(500, 4, generator=g)
@@ -257,6 +275,22 @@ def test_masked_ridge_solves_each_row_on_its_connections():
         others = torch.ones(8, dtype=torch.bool)
         others[src] = False
         assert (sol.weight[r, others] == 0).all()
+
+
+def test_validated_ridge_guards_a_calibration_set_smaller_than_the_layer():
+    """8 images of 6x6: conv2's projection has 128 inputs and sees 72 samples. A fixed small ridge
+    overfits them (worse than the data-free start); the ridge chosen on even/odd images does not."""
+    model = tiny_model()
+    cfg = dict(images=8, holdout=64, solver="closed_form", recalibrate_bn=False)
+    errors = {}
+    for search in (1, 5):
+        converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 6, 6))
+        report = leanconv.calibrate(model, converted, images(80, size=6), CalibrationConfig(ridge_search=search, **cfg),
+                                    progress=False)
+        errors[search] = [(l.error_before, l.error_after) for l in report.layers]
+    assert errors[1][1][1] > errors[1][1][0], errors  # the fixed ridge made conv2 worse
+    assert all(after < before for before, after in errors[5]), errors
+    assert report.layers[1].ridges[0] > 1e-3
 
 
 def test_ridge_keeps_an_exact_prior():

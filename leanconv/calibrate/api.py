@@ -152,6 +152,7 @@ class _Job:
     busy: bool = False                # inside our own work (step inputs re-enter the block)
     solvers: list[str] = field(default_factory=list)
     fit_errors: list[float] = field(default_factory=list)
+    ridges: list[float] = field(default_factory=list)
     kept: list[tuple[float, float]] = field(default_factory=list)
     refined: RefineResult | None = None
     seconds: float = 0.0
@@ -193,7 +194,7 @@ class _Job:
 
     def _solve(self, fit: ProjectionFit) -> StepFit:
         assign = self.cfg.assign and fit.step.index not in self.assigned
-        out = fit.solve(self.cfg.ridge, assign)
+        out = fit.solve([self.cfg.ridge * 10 ** k for k in range(self.cfg.ridge_search)], assign)
         if out.assignment is not None:
             self.assigned.add(fit.step.index)
             self.kept.append((out.assignment.kept, out.assignment.kept_identity))
@@ -203,12 +204,13 @@ class _Job:
     def finish_fits(self, first: bool) -> None:
         """Record the pass's final fits (solving any not solved on the pass's last batch)."""
         multi = len(steps_of(self.block)) > 1
-        self.fit_errors = []
+        self.fit_errors, self.ridges = [], []
         for fit in self.fits:
             done = self.last_fit.get(fit.step.index)
             if done is None:
                 done = self._solve(fit)
             self.fit_errors.append(done.fit_error)
+            self.ridges.append(done.ridge)
             if first:
                 self.solvers.append(f"closed_form[{fit.step.index}]" if multi else "closed_form")
         self.fits, self.last_fit = [], {}
@@ -228,8 +230,8 @@ class _Job:
         r = self.refined
         kept = tuple(sum(v) / len(v) for v in zip(*self.kept)) if self.kept else (None, None)
         return LayerReport(self.name, _kind(self.block), tuple(self.solvers), before, after, tuple(self.fit_errors),
-                           r.error_before if r else None, r.error_after if r else None, r.pairs if r else 0,
-                           kept[1], kept[0], self.seconds)
+                           tuple(self.ridges), r.error_before if r else None, r.error_after if r else None,
+                           r.pairs if r else 0, kept[1], kept[0], self.seconds)
 
 
 def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,

@@ -42,6 +42,8 @@ class CalibrationConfig:
     passes: int = 1                 # passes of the streamed schedule over the calibration images
     ridge: float = 1e-3             # ridge strength relative to the Gram matrix's mean diagonal; it
                                     # shrinks towards the data-free start (so an exact start stays exact)
+    ridge_search: int = 5           # ridges tried per refit, ridge x 1, 10, 100, ...: the one with the least
+                                    # 2-fold validation error (even vs odd images) is used; 1 = no search
     steps: int = 300                # Adam steps of gradient refinement per layer
     lr: float = 3e-3                # Adam learning rate of gradient refinement (cosine-decayed)
     max_pixels: int = 65536         # captured input/target pixels kept per layer for gradient refinement
@@ -58,7 +60,7 @@ class CalibrationConfig:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
         object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "calibration.schedule"))
-        at_least_one = ("images", "batch_size", "passes", "refine_batch")
+        at_least_one = ("images", "batch_size", "passes", "refine_batch", "ridge_search")
         for name in at_least_one + ("steps", "max_pixels", "holdout", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (1 if name in at_least_one else 0):

@@ -16,6 +16,7 @@ class LayerReport:
     error_before: float | None         # held-out images, in the network, data-free start
     error_after: float | None          # held-out images, in the network, after calibration
     fit_errors: tuple[float, ...] = ()  # closed-form fit of each refit projection (calibration images)
+    ridges: tuple[float, ...] = ()      # ridge each refit used (chosen by validation)
     refine_before: float | None = None  # gradient refinement: error on its sampled pairs, before
     refine_after: float | None = None   # ... and after (equal to before when it was not kept)
     refine_pairs: int = 0               # images in the sample
@@ -26,7 +27,8 @@ class LayerReport:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerReport":
         d = dict(d)
-        d["solvers"], d["fit_errors"] = tuple(d["solvers"]), tuple(d["fit_errors"])
+        for k in ("solvers", "fit_errors", "ridges"):
+            d[k] = tuple(d[k])
         return cls(**d)
 
 

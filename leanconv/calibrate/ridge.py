@@ -31,14 +31,18 @@ class RidgeStats:
         self.g_ref: Tensor | None = None
         self.y_ref: Tensor | None = None
 
-    def update(self, g: Tensor, y: Tensor) -> None:
-        """Add samples: ``g (P, n_in)`` features and ``y (P, n_out)`` targets, one row per sample."""
+    def update(self, g: Tensor, y: Tensor, ref: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add samples: ``g (P, n_in)`` features and ``y (P, n_out)`` targets, one row per sample.
+
+        ``ref``: the reference point (feature mean, target mean) to take samples from, when this is
+        the first batch; statistics that share it can be added together (``merged``).
+        """
         if g.shape[0] != y.shape[0] or g.shape[1] != self.n_in or y.shape[1] != self.n_out:
             raise ValueError(f"expected (P, {self.n_in}) and (P, {self.n_out}), got {tuple(g.shape)}, {tuple(y.shape)}")
+        if self.g_ref is None:
+            self.g_ref, self.y_ref = ref if ref is not None else (g.mean(0).detach(), y.mean(0).detach())
         if g.shape[0] == 0:
             return
-        if self.g_ref is None:
-            self.g_ref, self.y_ref = g.mean(0).detach(), y.mean(0).detach()
         gc = g - self.g_ref  # (P, n)
         yc = y - self.y_ref  # (P, m)
         self.gg += (gc.T @ gc).double()
@@ -47,6 +51,15 @@ class RidgeStats:
         self.y += yc.sum(0).double()
         self.yy += (yc * yc).sum(0).double()
         self.count += g.shape[0]
+
+    def merged(self, other: "RidgeStats") -> "RidgeStats":
+        """The statistics of both sample sets (they must share the reference point)."""
+        out = RidgeStats(self.n_in, self.n_out, self.gg.device)
+        out.g_ref, out.y_ref = self.g_ref, self.y_ref
+        for name in ("gg", "gy", "g", "y", "yy"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.count = self.count + other.count
+        return out
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.gg, self.gy, self.g, self.y, self.yy))
@@ -134,6 +147,36 @@ def ridge_solve(stats: RidgeStats, ridge: float, prior: Tensor, sources: Tensor 
     bias = (mo.mu_y - w @ mo.mu_g) if intercept else None
     energy = stats.moments(centered=False).yy.sum()
     return RidgeSolution(w, bias, max(residual, 0.0), float(energy))
+
+
+def squared_error(stats: RidgeStats, weight: Tensor, bias: Tensor | None) -> float:
+    """``Σ ||y - W g - b||²`` over the samples of ``stats`` (for solutions fitted on other samples)."""
+    mo = stats.moments(centered=False)
+    w = weight.to(mo.gg)
+    err = mo.yy.sum() - 2 * (w * mo.gy.T).sum() + ((w @ mo.gg) * w).sum()
+    if bias is not None:
+        b = bias.to(mo.gg)
+        err = err - 2 * mo.count * (b * (mo.mu_y - w @ mo.mu_g)).sum() + mo.count * (b * b).sum()
+    return float(err)
+
+
+def choose_ridge(folds: tuple[RidgeStats, RidgeStats], grid: list[float], prior: Tensor,
+                 sources: Tensor | None = None, rows: Tensor | None = None, intercept: bool = True,
+                 name: str = "layer") -> float:
+    """The ridge of ``grid`` with the least 2-fold validation error: fit on one fold, measure the
+    squared error on the other, both ways. Ties go to the smallest. With a single usable fold,
+    the smallest ridge."""
+    if len(grid) == 1 or any(f.count == 0 for f in folds):
+        return grid[0]
+    best, best_err = grid[0], None
+    for lam in grid:
+        err = 0.0
+        for k in (0, 1):
+            sol = ridge_solve(folds[k], lam, prior, sources, rows, intercept, name)
+            err += squared_error(folds[1 - k], sol.weight, sol.bias)
+        if best_err is None or err < best_err * (1 - 1e-9):
+            best, best_err = lam, err
+    return best
 
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:

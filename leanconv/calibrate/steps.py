@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from leanconv.calibrate import capture
 from leanconv.calibrate.assign import Assignment, assign_layer
-from leanconv.calibrate.ridge import RidgeStats, ridge_solve
+from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve
 from leanconv.layers import functional as LF
 from leanconv.layers.bottleneck import SpatialBottleneck, bottleneck_pad
 from leanconv.layers.projection import load_projection, projection_matrix
@@ -81,6 +81,7 @@ class StepFit:
 
     fit_error: float               # relative error of the fit on the calibration samples
     assignment: Assignment | None  # chosen grid assignment (topological projections)
+    ridge: float                   # ridge strength used
 
 
 class ProjectionFit:
@@ -97,7 +98,9 @@ class ProjectionFit:
         self.prior = projection_matrix(proj).detach().clone()  # (out, in)
         self.bias0 = layer.bias.detach().clone() if self.bottleneck and layer.bias is not None else None
         dev = proj.weight.device
-        self.stats = RidgeStats(proj.in_channels, proj.out_channels, dev)
+        # even and odd images of every batch: two folds, to choose the ridge by validation
+        self.folds = (RidgeStats(proj.in_channels, proj.out_channels, dev),
+                      RidgeStats(proj.in_channels, proj.out_channels, dev))
         self.y_sum = torch.zeros(layer.out_channels, dtype=torch.float64, device=dev)
         self.y_sq = torch.zeros_like(self.y_sum)
         self.y_n = 0
@@ -118,7 +121,16 @@ class ProjectionFit:
             t = self._reduced_target(t - (self.bias0.view(1, -1, 1, 1) if self.bias0 is not None else 0))
         else:
             g = layer.depthwise(x)  # (N, n, Ho, Wo)
-        self.stats.update(_flat(g), _flat(t))
+        g, t = _flat(g), _flat(t)  # (N*H*W, n), (N*H*W, m)
+        ref = (g.mean(0), t.mean(0)) if self.folds[0].g_ref is None else None
+        per_image = g.shape[0] // x.shape[0]
+        fold = (torch.arange(g.shape[0], device=g.device) // per_image) % 2  # image parity of each sample
+        for k in (0, 1):
+            self.folds[k].update(g[fold == k], t[fold == k], ref)
+
+    @property
+    def stats(self) -> RidgeStats:
+        return self.folds[0].merged(self.folds[1])
 
     def _reduced_target(self, t: Tensor) -> Tensor:
         """The reduced-grid target: the output the transposed conv spreads best onto ``t``.
@@ -143,26 +155,31 @@ class ProjectionFit:
         return relu_shift(mean, std)
 
     @torch.no_grad()
-    def solve(self, ridge: float, assign: bool) -> StepFit:
-        """Solve on the samples so far and write the projection and bias into the layer. With
-        ``assign``, a topological projection's grid assignment is chosen first.
+    def solve(self, ridges: list[float], assign: bool) -> StepFit:
+        """Solve on the samples so far and write the projection and bias into the layer.
 
+        Args:
+            ridges: candidate ridge strengths; the one with the least 2-fold validation error (even
+                vs odd images) is used.
+            assign: choose a topological projection's grid assignment first.
         Raises:
             NumericalError: non-finite statistics or solution; the layer is left as it was.
         """
         layer, proj = self.step.layer, self.step.layer.project
         where = f"{self.name} (layer {self.step.index})" if self.step.index or self.step.relu_after else self.name
-        prior = self.prior
+        prior, stats = self.prior, self.stats
         chosen = None
         if isinstance(proj, TopoConv2d):
             if assign:
-                free = ridge_solve(self.stats, ridge, prior, intercept=self.intercept, name=where)
-                energy = torch.diagonal(self.stats.moments(self.intercept).gg).clamp(min=0)  # (in,)
+                free = ridge_solve(stats, ridges[0], prior, intercept=self.intercept, name=where)
+                energy = torch.diagonal(stats.moments(self.intercept).gg).clamp(min=0)  # (in,)
                 importance = free.weight.pow(2) * energy[None, :]
                 chosen = assign_layer(proj, importance)
-            sol = ridge_solve(self.stats, ridge, prior, proj.sources, proj.out_perm, self.intercept, where)
+            mask = (proj.sources, proj.out_perm)
         else:
-            sol = ridge_solve(self.stats, ridge, prior, intercept=self.intercept, name=where)
+            mask = (None, None)
+        ridge = choose_ridge(self.folds, ridges, prior, *mask, self.intercept, where)
+        sol = ridge_solve(stats, ridge, prior, *mask, self.intercept, where)
         load_projection(proj, sol.weight.to(prior))
         bias = layer.bias if self.bottleneck else proj.bias
         if bias is not None:
@@ -176,7 +193,7 @@ class ProjectionFit:
                 new = new + s
             bias.copy_(new.to(bias))
         fit = (sol.residual / sol.target_energy) ** 0.5 if sol.target_energy > 0 else 0.0
-        return StepFit(fit, chosen)
+        return StepFit(fit, chosen, ridge)
 
 
 @torch.no_grad()
