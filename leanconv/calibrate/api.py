@@ -178,23 +178,31 @@ class _Job:
         self.fits = [ProjectionFit(s, self.name) for s in self.fit_steps]
         self.last_fit = {}
 
-    def consume(self, x: Tensor, y: Tensor, solve: bool) -> None:
+    def consume(self, x: Tensor, y: Tensor, solve: bool, final: bool = False) -> None:
         """Accumulate a batch (replacement input ``x``, original output ``y``) into every step's fit,
-        in order; with ``solve``, refit each step before the next one takes its input."""
+        in order; with ``solve``, refit each step before the next one takes its input (``final``:
+        the last refit of the pass)."""
         t0 = time.perf_counter()
         self.busy = True
         try:
             for fit in self.fits:
                 fit.update(step_input(self.block, fit.step, x), y)
                 if solve:
-                    self.last_fit[fit.step.index] = self._solve(fit)
+                    self.last_fit[fit.step.index] = self._solve(fit, final)
         finally:
             self.busy = False
         self.seconds += time.perf_counter() - t0
 
-    def _solve(self, fit: ProjectionFit) -> StepFit:
-        assign = self.cfg.assign and fit.step.index not in self.assigned
-        out = fit.solve([self.cfg.ridge * 10 ** k for k in range(self.cfg.ridge_search)], assign)
+    def _solve(self, fit: ProjectionFit, final: bool = True) -> StepFit:
+        """Refit one step. The ridge is searched on the first and the final refit of a pass; refits
+        in between reuse the last choice (each search costs ``2 x ridge_search`` extra solves)."""
+        i = fit.step.index
+        assign = self.cfg.assign and i not in self.assigned
+        if final or i not in self.last_fit:
+            ridges = [self.cfg.ridge * 10 ** k for k in range(self.cfg.ridge_search)]
+        else:
+            ridges = [self.last_fit[i].ridge]
+        out = fit.solve(ridges, assign)
         if out.assignment is not None:
             self.assigned.add(fit.step.index)
             self.kept.append((out.assignment.kept, out.assignment.kept_identity))
@@ -260,7 +268,7 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
         bar = tqdm(total=batches, desc=f"closed form {p + 1}/{cfg.passes} ({cfg.mode.value})", unit="batch",
                    disable=not progress, leave=False)
         for b, (x_img, _) in enumerate(stream.calibration(), 1):
-            solve = b & (b - 1) == 0 or b == batches
+            solve, final = b & (b - 1) == 0 or b == batches, b == batches
             x_img = x_img.to(device)
             caught: dict[str, tuple] = {}
 
@@ -271,13 +279,13 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
                 each_call(original, convs, x_img, keep, stop_after=None if with_bn else last.name)
             if parallel:
                 for j in fitting:
-                    j.consume(*caught[j.name], solve)
+                    j.consume(*caught[j.name], solve, final)
                 if with_bn:
                     with hooks(post=with_bn.converted_hooks()):
                         converted(x_img)
             else:
                 stop = None if with_bn else last
-                with hooks(pre={j.block: _consumer(j, caught, solve, j is stop, with_bn) for j in fitting},
+                with hooks(pre={j.block: _consumer(j, caught, solve, final, j is stop, with_bn) for j in fitting},
                            post=with_bn.converted_hooks() if with_bn else None):
                     run(converted, x_img)
             del caught
@@ -342,7 +350,7 @@ def _layerwise(cfg: CalibrationConfig, jobs: list[_Job], full_pass: float) -> bo
     return 0.5 * full_pass * sum(len(j.fit_steps) for j in jobs) <= cfg.layerwise_budget
 
 
-def _consumer(job: _Job, caught: dict, solve: bool, stop: bool, bn: BatchNormMatcher | None):
+def _consumer(job: _Job, caught: dict, solve: bool, final: bool, stop: bool, bn: BatchNormMatcher | None):
     """Pre-hook on a replacement in the converted network: feed it the batch it receives."""
     seen: list[bool] = []
 
@@ -353,7 +361,7 @@ def _consumer(job: _Job, caught: dict, solve: bool, stop: bool, bn: BatchNormMat
         if bn is not None:
             bn.paused = True  # the step-input passes are not part of the BatchNorm statistics
         try:
-            job.consume(args[0], caught[job.name][1], solve)
+            job.consume(args[0], caught[job.name][1], solve, final)
         finally:
             if bn is not None:
                 bn.paused = False
