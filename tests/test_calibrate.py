@@ -14,7 +14,7 @@ import leanconv
 from leanconv.calibrate import CalibrationConfig, CalibrationReport
 from leanconv.calibrate.assign import choose_assignment, linear_assignment
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
-from leanconv.layers import SICLayer, TopoConv2d, Topology, UnraveledConv
+from leanconv.layers import SICLayer, Topology, UnraveledConv
 from leanconv.layers.projection import projection_matrix
 from leanconv.recipes import LayerSpec, Method, Recipe
 

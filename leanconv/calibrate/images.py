@@ -54,14 +54,14 @@ class ImageStream:
         Raises:
             DataError: the data yields no images.
         """
-        n = sum(len(x) for x, _ in self.calibration())
+        n = getattr(self._calib, "count", None)  # known without reading for a Dataset
+        if n is None:
+            n = sum(len(x) for x, _ in self.calibration())
         if n == 0:
             raise DataError("the calibration data yielded no images")
         self.count = n
         return n
 
-    def holdout_count(self) -> int:
-        return sum(len(x) for x, _ in self.holdout())
 
 
 def _sources(data, counts: list[int], batch_size: int, seed: int) -> list[Callable[[], Iterator[Batch]]]:
@@ -74,7 +74,11 @@ def _sources(data, counts: list[int], batch_size: int, seed: int) -> list[Callab
 
         def from_dataset(idx: list[int]):
             loader = DataLoader(Subset(data, idx), batch_size=batch_size, shuffle=False)
-            return lambda: _rebatch(loader, batch_size, len(idx), 0) if idx else iter(())
+
+            def make() -> Iterator[Batch]:
+                return _rebatch(loader, batch_size, len(idx), 0) if idx else iter(())
+            make.count = len(idx)  # type: ignore[attr-defined]
+            return make
         return [from_dataset(order[s:s + c]) for s, c in zip(skips, counts)]
     if iter(data) is data:  # a one-shot iterator: keep the images we need now
         stream = _rebatch(data, batch_size, sum(counts), 0)
