@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leanconv
+import leanconv.data
 from leanconv.calibrate import CalibrationConfig, CalibrationReport
 from leanconv.calibrate.assign import choose_assignment, linear_assignment
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
@@ -431,6 +432,22 @@ def test_few_images_fall_back_to_evaluating_on_the_calibration_images():
     report = leanconv.calibrate(model, converted, images(20), CalibrationConfig(images=32, holdout=16),
                                 progress=False)
     assert (report.images, report.eval_images, report.eval_split) == (20, 20, "calibration")
+
+
+def test_unreadable_image_file_is_a_data_error(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    model = tiny_model()
+    converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 12, 12))
+    data = leanconv.data.image_folder(tmp_path, input_size=12)
+    with pytest.raises(leanconv.DataError, match="cannot read"):
+        leanconv.calibrate(model, converted, data, CalibrationConfig(images=8, holdout=0), progress=False)
+    assert no_hooks(model, converted)
 
 
 def test_nothing_converted_is_a_config_error():

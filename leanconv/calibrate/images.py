@@ -99,7 +99,7 @@ def _rebatch(data: Iterable, batch_size: int, count: int, skip: int) -> Iterator
     xs: list[Tensor] = []
     ys: list[Tensor | None] = []
     have, seen = 0, 0
-    for x, y in batches(data, batch_size):
+    for x, y in _readable(batches(data, batch_size)):
         if x.ndim == 3:
             x = x[None]
             y = y.reshape(1) if isinstance(y, Tensor) else y
@@ -117,6 +117,18 @@ def _rebatch(data: Iterable, batch_size: int, count: int, skip: int) -> Iterator
             break
     while xs and sum(len(t) for t in xs):
         yield _split(xs, ys, batch_size)
+
+
+def _readable(it: Iterator[Batch]) -> Iterator[Batch]:
+    """``it``, with a file that cannot be read (missing, corrupt image) turned into a DataError."""
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except OSError as e:  # includes PIL's UnidentifiedImageError
+            raise DataError(f"cannot read the calibration images: {e}") from None
+        yield item
 
 
 def _split(xs: list[Tensor], ys: list, batch_size: int) -> Batch:
