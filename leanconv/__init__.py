@@ -1,4 +1,5 @@
 """leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
+from leanconv.calibrate import CalibrationConfig, CalibrationReport, calibrate
 from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
 from leanconv.finetune import CheckpointError, FinetuneConfig, FinetuneResult, Interrupted, finetune
@@ -10,7 +11,7 @@ from leanconv.serialize import load, load_plan, save
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "ConversionPlan", "DataError", "FinetuneConfig", "FinetuneResult",
-           "Interrupted", "LayerPlan", "LeanconvError", "ModelError", "ModelSource", "NumericalError", "Recipe",
-           "convert", "finetune", "get_recipe", "implementation_choices", "list_recipes", "load", "load_plan",
-           "optimize", "save"]
+__all__ = ["CalibrationConfig", "CalibrationReport", "CheckpointError", "ConfigError", "ConversionPlan", "DataError",
+           "FinetuneConfig", "FinetuneResult", "Interrupted", "LayerPlan", "LeanconvError", "ModelError",
+           "ModelSource", "NumericalError", "Recipe", "calibrate", "convert", "finetune", "get_recipe",
+           "implementation_choices", "list_recipes", "load", "load_plan", "optimize", "save"]

@@ -102,7 +102,34 @@ def _setup_convert(p):
     add_model_args(p)
     p.add_argument("--recipe", default="sic-m2", help="built-in recipe name or a .toml file (default sic-m2)")
     add_select_args(p)
+    add_calibrate_args(p)
     p.add_argument("--out", required=True, help="directory for the converted model and plan.json")
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (initialize the new layers from the original's activations)")
+    g.add_argument("--calibrate", metavar="DATASPEC",
+                   help="calibrate on images from fashion-mnist[:PATH] or imagefolder:PATH (its train/ split; "
+                        "val/ holds the held-out images when present); writes calibration.json")
+    g.add_argument("--calib-images", type=int, default=None, metavar="N", help="calibration images (recipe's default)")
+    g.add_argument("--calib-batch", type=int, default=None, metavar="B", help="images per forward pass")
+    g.add_argument("--calib-mode", choices=["cascaded", "parallel"], default=None,
+                   help="cascaded: inputs from the converted network; parallel: both from the original")
+
+
+def calibration_setup(args, recipe):
+    """(config, calibration images, held-out images) from the --calib-* arguments; data errors surface here."""
+    import dataclasses
+
+    from leanconv.data import DataSpec
+
+    changes = {k: v for k, v in (("images", args.calib_images), ("batch_size", args.calib_batch),
+                                 ("mode", args.calib_mode)) if v is not None}
+    cfg = dataclasses.replace(recipe.calibration, **changes)
+    spec = DataSpec.parse(args.calibrate)
+    train = spec.dataset(train=True, input_size=args.input_size, channels=args.in_chans, augment=False)
+    held = spec.dataset(train=False, input_size=args.input_size, channels=args.in_chans) if cfg.holdout else None
+    return cfg, train, held
 
 
 @command("convert", "convert a model's dense convs and save it with its plan")(_setup_convert)
@@ -110,13 +137,23 @@ def cmd_convert(args) -> int:
     import leanconv
 
     recipe = leanconv.get_recipe(args.recipe)
+    calib = calibration_setup(args, recipe) if args.calibrate else None  # bad data fails before the work
     source = model_source(args)
     model = source.build().eval()
     converted, plan = leanconv.convert(model, recipe, example_inputs(args), select=selection(args, recipe),
                                        source=source, progress=True)
     print(plan.table())
+    files = "plan.json, manifest.json, model.safetensors"
+    if calib is not None:
+        from leanconv.serialize import write_json
+
+        cfg, train, held = calib
+        report = leanconv.calibrate(model, converted, train, cfg, holdout=held)
+        print(f"\n{report}")
+        write_json(Path(args.out) / "calibration.json", report.to_dict())
+        files = "plan.json, calibration.json, manifest.json, model.safetensors"
     out = leanconv.save(converted, plan, args.out, source)
-    print(f"\nsaved to {out}/ (plan.json, manifest.json, model.safetensors)")
+    print(f"\nsaved to {out}/ ({files})")
     return 0
 
 

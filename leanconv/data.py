@@ -166,14 +166,20 @@ class DataSpec:
             return cls("imagefolder", path)
         raise DataError(f"unknown data spec {text!r}; use fashion-mnist[:PATH] or imagefolder:PATH")
 
-    def dataset(self, train: bool, input_size: int | None = None, channels: int = 1) -> Dataset:
-        """The training or validation split. An ImageFolder root with train/ and val/ uses them."""
+    def dataset(self, train: bool, input_size: int | None = None, channels: int = 1,
+                augment: bool | None = None) -> Dataset:
+        """The training or validation split. An ImageFolder root with train/ and val/ uses them.
+
+        ``augment`` (default: ``train``) picks the random training transforms of an ImageFolder;
+        calibration wants the training split with the fixed evaluation transforms.
+        """
         if self.kind == "fashion-mnist":
             return fashion_mnist(self.path, train=train, channels=channels,
                                  size=input_size if input_size not in (None, 28) else None)
         root = Path(self.path)
         sub = root / ("train" if train else "val")
-        return image_folder(sub if sub.is_dir() else root, input_size or 224, train=train)
+        augment = train if augment is None else augment
+        return image_folder(sub if sub.is_dir() else root, input_size or 224, train=augment)
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0,

@@ -1,0 +1,101 @@
+"""CalibrationReport: what calibration did to each layer and to the network's agreement with the original."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from leanconv.calibrate.evaluate import EndToEnd
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One converted layer. Errors are relative output errors ``||y - y_orig|| / ||y_orig||``."""
+
+    name: str
+    kind: str                          # replacement type, e.g. "SICStack x2"
+    solvers: tuple[str, ...]           # what ran, in order: assign, closed_form[i], gradient
+    error_before: float | None         # held-out images, in the network, data-free start
+    error_after: float | None          # held-out images, in the network, after calibration
+    fit_errors: tuple[float, ...] = ()  # closed-form fit of each refit projection (calibration images)
+    ridges: tuple[float, ...] = ()      # ridge each refit used (chosen by validation)
+    refine_before: float | None = None  # gradient refinement: error on its sampled pairs, before
+    refine_after: float | None = None   # ... and after (equal to before when it was not kept)
+    refine_pairs: int = 0               # images in the sample
+    kept_identity: float | None = None  # topological: fraction of connection importance kept, identity order
+    kept: float | None = None           # ... with the chosen grid assignment
+    seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerReport":
+        d = dict(d)
+        for k in ("solvers", "fit_errors", "ridges"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """The outcome of ``leanconv.calibrate``."""
+
+    config: dict                      # the CalibrationConfig used
+    device: str
+    images: int                       # calibration images used
+    eval_images: int                  # images the fidelity figures are measured on
+    eval_split: str                   # "holdout", or "calibration" when no held-out images were left
+    layers: tuple[LayerReport, ...]
+    before: EndToEnd                  # data-free start
+    after: EndToEnd                   # after calibration
+    before_bn: EndToEnd | None = None  # after the solves, before a BatchNorm pass of its own
+    batchnorms: int = 0               # BatchNorms whose statistics were re-estimated
+    stages: dict = field(default_factory=dict)  # wall seconds per stage
+    seconds: float = 0.0
+    schedule: str | None = None       # closed-form schedule that ran: "layerwise" | "streamed"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [asdict(l) for l in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationReport":
+        d = dict(d)
+        d["layers"] = tuple(LayerReport.from_dict(l) for l in d["layers"])
+        for k in ("before", "after", "before_bn"):
+            if d.get(k) is not None:
+                d[k] = EndToEnd(**d[k])
+        return cls(**d)
+
+    def table(self) -> str:
+        """Per-layer errors, end-to-end agreement and stage times, as aligned text."""
+        rows = [("layer", "replacement", "solvers", "error data-free", "error calibrated", "kept (identity)")]
+        for l in self.layers:
+            kept = f"{l.kept:.3f} ({l.kept_identity:.3f})" if l.kept is not None else "-"
+            rows.append((l.name, l.kind, ",".join(l.solvers) or "-", _f(l.error_before), _f(l.error_after), kept))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        how = ", ".join(str(v) for v in (self.config.get("mode"), self.config.get("solver"), self.schedule,
+                                         self.device) if v)
+        lines.append(f"end to end on {self.eval_images} {self.eval_split} images ({self.images} calibration "
+                     f"images; {how}):")
+        stages = [("data-free", self.before)]
+        if self.before_bn is not None:
+            stages.append(("before BN", self.before_bn))
+        stages.append(("calibrated", self.after))
+        for label, e in stages:
+            acc = f", accuracy {_p(e.accuracy)} (original {_p(e.accuracy_original)})" if e.accuracy is not None else ""
+            lines.append(f"  {label:<10}  top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
+        times = ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items())
+        lines.append(f"time {self.seconds:.1f}s ({times}); {self.batchnorms} BatchNorms re-estimated")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _p(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
