@@ -117,6 +117,50 @@ def _solve(jobs: list["_Job"], original: nn.Module, converted: nn.Module, stream
     return schedule, matcher.apply() if joint else None
 
 
+def calibrate_block(name: str, conv: nn.Conv2d, block: nn.Module, pairs: list[tuple[Tensor, Tensor]],
+                    config: CalibrationConfig | None = None) -> LayerReport:
+    """Calibrate one replacement on captured ``(input, original output)`` batches, as ``calibrate`` does
+    each layer: grid assignment, closed-form refits step after step (an exact cascade inside the
+    block, one pass over ``pairs`` per step), then gradient refinement of nonlinear blocks.
+
+    Works in place on ``block``; ``conv`` is the original conv it replaces (read only).
+    Returns:
+        The layer's ``LayerReport`` (solvers, fit errors, refinement; no held-out errors).
+    Raises:
+        NumericalError: a NaN or Inf in a solve (``block`` is then left as it was).
+    """
+    cfg = config or CalibrationConfig()
+    job = _Job.plan(name, conv, block, cfg)
+    snapshot = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    was = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            if cfg.assign:
+                job.assign_datafree()
+            if job.fit_steps:
+                job.start_fits()
+                every = job.fits
+                for fit in every:
+                    job.fits = [fit]
+                    for x, y in pairs:
+                        job.consume(x, y, solve=False)
+                    job.last_fit[fit.step.index] = job._solve(fit)
+                job.fits = every
+                job.finish_fits(first=True)
+            if job.gradient:
+                job.reservoir = Reservoir(cfg.max_pixels, cfg.seed)
+                for x, y in pairs:
+                    job.reservoir.add(x, y)
+        job.refine()
+    except BaseException:
+        block.load_state_dict(snapshot)
+        raise
+    finally:
+        block.train(was)
+    return job.report(None, None)
+
+
 def converted_pairs(original: nn.Module, converted: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
     """name -> (original conv, its replacement) for every outermost leanconv layer of ``converted``."""
     out: dict[str, tuple[nn.Conv2d, nn.Module]] = {}
