@@ -1,0 +1,131 @@
+"""Budget solver: the knapsack is exact, budgets are met, impossible ones are refused with the range."""
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import leanconv
+from leanconv.demo.teacher import fmnist_resnet
+from leanconv.errors import ConfigError
+from leanconv.recipes.budget import BudgetConfig, choose, size_candidates, solve_budget
+from leanconv.recipes.knapsack import multiple_choice_knapsack
+
+SMALL_MENU_LABELS = ("unravel-b1", "unravel-b4", "sic-m2", "sic-bottleneck")
+
+
+def _brute(macs, costs, capacity, floor):
+    best = None
+    for pick in itertools.product(*(range(len(m)) for m in macs)):
+        total = sum(m[k] for m, k in zip(macs, pick))
+        if not floor <= total <= capacity:
+            continue
+        cost = sum(c[k] for c, k in zip(costs, pick))
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, pick)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_matches_brute_force(seed):
+    rnd = random.Random(seed)
+    groups = rnd.randint(1, 4)
+    macs = [[rnd.randint(0, 40) for _ in range(rnd.randint(1, 4))] for _ in range(groups)]
+    costs = [[rnd.random() for _ in m] for m in macs]
+    capacity = rnd.randint(10, 120)
+    floor = rnd.randint(0, capacity)
+    # capacity == resolution: one MAC per unit, so the DP is exact and must equal brute force
+    picks = multiple_choice_knapsack(macs, costs, capacity, floor, resolution=capacity)
+    want = _brute(macs, costs, capacity, floor)
+    if want is None:
+        assert picks is None
+    else:
+        assert picks is not None
+        got = sum(c[k] for c, k in zip(costs, picks))
+        assert got == pytest.approx(want[0])
+        assert floor <= sum(m[k] for m, k in zip(macs, picks)) <= capacity
+
+
+def test_knapsack_infinite_cost_is_never_chosen():
+    picks = multiple_choice_knapsack([[5, 1], [5, 1]], [[0.0, math.inf], [0.0, 1.0]], 8, 0, resolution=8)
+    assert picks == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = fmnist_resnet(width=8).eval()
+    example = torch.randn(1, 1, 28, 28)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 1, 28, 28, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(4)]
+    return model, example, data
+
+
+def _menu(recipe="sic-m2"):
+    from leanconv.recipes.budget import default_menu
+    full = default_menu(leanconv.get_recipe(recipe))
+    return {k: full[k] for k in SMALL_MENU_LABELS}
+
+
+@pytest.fixture(scope="module")
+def measured(small):
+    """Candidates of the small net measured once (the expensive part), reused by the tests below."""
+    from leanconv.recipes.budget import measure_candidates
+    model, example, data = small
+    sized = size_candidates(model, "sic-m2", example, menu=_menu())
+    cfg = BudgetConfig(images=32, holdout=16, steps=5)
+    return measure_candidates(sized, model, "sic-m2", data, cfg, progress=False)
+
+
+def _target(measured, f):
+    """A budget f of the way from the least reachable MACs to the original's."""
+    least, most = measured.reachable
+    return round(least + f * (most - least))
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.5, 0.8])
+def test_budget_is_met_within_two_percent_and_convert_agrees(small, measured, fraction):
+    model, example, _ = small
+    target = _target(measured, fraction)
+    sol = choose(measured, target)
+    assert sol.within_tolerance
+    assert 0.98 * target <= sol.macs_after <= target
+    converted, plan = leanconv.convert(model, "sic-m2", example, layers=sol.layers)
+    assert plan.macs_after == sol.macs_after  # the solver's accounting is what convert builds
+    assert converted(example).shape == model(example).shape
+    assert "chosen" in sol.table()
+
+
+def test_larger_budget_never_costs_more_error(small, measured):
+    objectives = [choose(measured, _target(measured, f)).objective for f in (0.15, 0.5, 0.8)]
+    assert objectives[0] >= objectives[1] >= objectives[2]
+
+
+def test_budget_at_or_above_original_keeps_everything(small):
+    model, example, data = small
+    sol = solve_budget(model, "sic-m2", example, data, 1.0, menu=_menu(), progress=False)
+    assert all(spec is None for spec in sol.layers.values())
+    assert sol.macs_after == sol.macs_before
+
+
+@pytest.mark.parametrize("target", [0.01, -1, 0, float("nan"), "half", True])
+def test_impossible_or_bad_budget_is_refused_before_any_calibration(small, target, monkeypatch):
+    import leanconv.recipes.budget as budget
+    model, example, data = small
+
+    def fail(*a, **k):
+        raise AssertionError("calibrated although the budget cannot be met")
+
+    monkeypatch.setattr(budget, "measure_candidates", fail)
+    with pytest.raises(ConfigError) as e:
+        solve_budget(model, "sic-m2", example, data, target, menu=_menu(), progress=False)
+    if target == 0.01:
+        assert "cannot be met" in str(e.value) and "from" in str(e.value)
+
+
+def test_bad_budget_config_names_the_field():
+    with pytest.raises(ConfigError, match="budget.images"):
+        BudgetConfig(images=0)
+    with pytest.raises(ConfigError, match="budget.weighting"):
+        BudgetConfig(weighting="best")
