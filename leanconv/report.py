@@ -111,7 +111,7 @@ def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[di
     """Per-layer rows of a report, with calibration errors where calibration reported them."""
     errs = {}
     for l in (calibration or {}).get("layers", []):
-        errs[l.get("name")] = (l.get("error_start"), l.get("error_after"))
+        errs[l.get("name")] = (l.get("error_before"), l.get("error_after"))
     rows = []
     for l in plan.layers:
         start, after = errs.get(l.name, (None, None))
@@ -123,14 +123,10 @@ def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[di
 
 
 def inference_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A deployment-ready copy: ``leanconv.optimize`` where available, else eval + channels_last."""
-    import leanconv
+    """A deployment-ready copy (``leanconv.optimize``), as both networks are timed."""
+    from leanconv.optimize import optimize
 
-    m = copy.deepcopy(model).eval()
-    opt = getattr(leanconv, "optimize", None)
-    if opt is not None:
-        return opt(m, example)
-    return m.to(memory_format=torch.channels_last)
+    return optimize(copy.deepcopy(model).eval(), example)
 
 
 def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,

@@ -1,0 +1,125 @@
+"""run -> report on a tiny Fashion-MNIST network: every report field, agreement with plan.json, clear
+errors for unfinished or missing runs, resume, and no half-written report."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import leanconv
+from leanconv.cli import main
+from leanconv.data import find_fashion_mnist
+from leanconv.demo import TEACHER_SPEC
+from leanconv.demo.teacher import fmnist_resnet
+from leanconv.errors import ConfigError, ModelError
+from leanconv.models import ModelSource
+from leanconv.pipeline import RunConfig, report_directory, run
+
+try:
+    find_fashion_mnist(None)
+    HAVE_DATA = True
+except leanconv.DataError:
+    HAVE_DATA = False
+pytestmark = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _config(tmp: Path, out: str = "run") -> RunConfig:
+    weights = tmp / "teacher.safetensors"
+    if not weights.exists():
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in fmnist_resnet(width=8).state_dict().items()}, str(weights))
+    base = leanconv.get_recipe("sic-m2")
+    recipe = dataclasses.replace(
+        base, calibration=dataclasses.replace(base.calibration, images=32, holdout=32, steps=5),
+        finetune=dataclasses.replace(base.finetune, epochs=1.0, batch_size=64))
+    return RunConfig(ModelSource(TEACHER_SPEC, {"width": 8}, checkpoint=str(weights)), recipe, "fashion-mnist",
+                     tmp / out, input_size=28, in_chans=1, train_images=128, eval_images=64,
+                     report_batches=(1, 4), latency_budget_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = _config(tmp)
+    report = run(cfg, progress=False)
+    return cfg, report
+
+
+def test_report_json_has_every_field_and_agrees_with_plan(finished):
+    cfg, _ = finished
+    rep = json.loads((cfg.out / "report.json").read_text())
+    plan = json.loads((cfg.out / "plan.json").read_text())
+    for key in ("model", "recipe", "input_size", "original", "converted", "speedup", "agreement_top1", "layers"):
+        assert key in rep, key
+    for side in ("original", "converted"):
+        for key in ("macs", "params", "top1", "top5", "latency_ms"):
+            assert rep[side][key] is not None, (side, key)
+        assert set(rep[side]["latency_ms"]["cpu"]) == {"1", "4"}
+        assert all(ms > 0 for ms in rep[side]["latency_ms"]["cpu"].values())
+    assert rep["recipe"] == "sic-m2"
+    assert rep["original"]["macs"] == plan["totals"]["macs_before"]
+    assert rep["converted"]["macs"] == plan["totals"]["macs_after"]
+    assert rep["converted"]["params"] == plan["totals"]["params_after"]
+    assert rep["speedup"]["macs"] == pytest.approx(plan["totals"]["macs_before"] / plan["totals"]["macs_after"])
+    for b, x in rep["speedup"]["latency"]["cpu"].items():
+        lat = rep["original"]["latency_ms"]["cpu"][b] / rep["converted"]["latency_ms"]["cpu"][b]
+        assert x == pytest.approx(lat)
+    assert [l["name"] for l in rep["layers"]] == [l["name"] for l in plan["layers"]]
+    for mine, theirs in zip(rep["layers"], plan["layers"]):
+        assert (mine["macs_before"], mine["macs_after"]) == (theirs["macs_before"], theirs["macs_after"])
+        if theirs["converted"]:  # calibration errors reach the report
+            assert mine["error_after"] is not None and mine["error_start"] is not None
+    assert 0 <= rep["agreement_top1"] <= 1
+    for name in ("report.md", "report.png", "calibration.json", "run.json"):
+        assert (cfg.out / name).is_file(), name
+    assert json.loads((cfg.out / "run.json").read_text())["status"] == "finished"
+
+
+def test_saved_run_loads_and_reports_again(finished, capsys):
+    cfg, _ = finished
+    model = leanconv.load(cfg.out)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert main(["report", str(cfg.out), "--batches", "1"]) == 0
+    assert "measured speedup" in capsys.readouterr().out
+
+
+def test_run_refuses_an_existing_directory_and_resumes_a_finished_one(finished):
+    cfg, _ = finished
+    with pytest.raises(ConfigError, match="--resume"):
+        run(cfg, progress=False)
+    changed = dataclasses.replace(cfg, train_images=64)
+    with pytest.raises(ConfigError, match="train_images"):
+        run(changed, resume=True, progress=False)
+
+
+def test_report_errors_are_one_clear_message(tmp_path, capsys):
+    with pytest.raises(ModelError, match="does not exist"):
+        report_directory(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty" in err[0] and "Traceback" not in err[0]
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text(json.dumps({"format": "leanconv-run/1", "status": "calibrating",
+                                                     "config": {}, "stages": {}}))
+    with pytest.raises(ModelError, match="has not finished"):
+        report_directory(unfinished)
+
+
+def test_interrupted_report_leaves_no_half_written_file(finished, monkeypatch):
+    import leanconv.report as report_mod
+
+    cfg, report = finished
+    before = (cfg.out / "report.md").read_text()
+
+    def boom(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_mod.Report, "to_markdown", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report_mod.write_report(report, cfg.out)
+    assert (cfg.out / "report.md").read_text() == before
+    assert not list(cfg.out.glob(".*.tmp")), "a temporary file was left behind"
