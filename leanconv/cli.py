@@ -256,7 +256,8 @@ def cmd_report(args) -> int:
 def _setup_demo(p):
     p.add_argument("--data", default=None, help="folder with Fashion-MNIST's four .gz files "
                                                 "(default: Debian's /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo-quick with --quick; "
+                                               "taken: the next free runs/demo-N)")
     p.add_argument("--recipe", default="sic-m2", help="recipe to demonstrate (default sic-m2)")
     p.add_argument("--quick", action="store_true", help="a shortened run (a few minutes less; used by CI)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
@@ -270,8 +271,21 @@ def cmd_demo(args) -> int:
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = dataclasses.replace(cfg, recipe=args.recipe)
-    out = args.out if not args.quick or args.out != "runs/demo" else "runs/demo-quick"
+    out = args.out or _fresh_demo_dir("runs/demo-quick" if args.quick else "runs/demo", args.resume)
     demo(out, args.data, cfg, resume=args.resume)
+    return 0
+
+
+def _fresh_demo_dir(base: str, resume: bool) -> str:
+    """``base``, or when it holds an earlier demo, the next free ``base-N`` (so a second demo just
+    runs, reusing the cached teacher); with ``resume``, the newest of them."""
+    taken = [base] + [f"{base}-{i}" for i in range(2, 1000)]
+    used = [d for d in taken if Path(d).exists()]
+    if resume:
+        return used[-1] if used else base
+    return next(d for d in taken if not Path(d).exists())
+
+
 def _setup_export(p):
     src = p.add_argument_group("model (one of)")
     src.add_argument("--from", dest="run", help="a saved converted model directory (leanconv convert --out)")

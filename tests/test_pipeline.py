@@ -123,3 +123,18 @@ def test_interrupted_report_leaves_no_half_written_file(finished, monkeypatch):
         report_mod.write_report(report, cfg.out)
     assert (cfg.out / "report.md").read_text() == before
     assert not list(cfg.out.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_run_with_a_mac_budget_meets_it(tmp_path, monkeypatch):
+    import leanconv.recipes.budget as budget
+
+    full = budget.default_menu  # a smaller menu keeps the test fast; the solver itself is tested in test_budget
+    monkeypatch.setattr(budget, "default_menu",
+                        lambda recipe: {k: v for k, v in full(recipe).items() if k in ("keep", "unravel-b1", "sic-m2")})
+    cfg = dataclasses.replace(_config(tmp_path), target_macs=0.7)
+    run(cfg, progress=False)
+    totals = json.loads((cfg.out / "plan.json").read_text())["totals"]
+    assert 0.98 * 0.7 <= totals["macs_after"] / totals["macs_before"] <= 0.7
+    impossible = dataclasses.replace(cfg, out=tmp_path / "impossible", target_macs=0.01)
+    with pytest.raises(ConfigError, match="cannot be met"):
+        run(impossible, progress=False)

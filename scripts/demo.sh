@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install leanconv and run its demo: train a Fashion-MNIST teacher (cached), convert, calibrate,
+# fine-tune, report. Arguments go to `leanconv demo` (e.g. --quick, --out DIR, --recipe NAME).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+exec leanconv demo "$@"
