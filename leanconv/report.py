@@ -48,7 +48,9 @@ class Report:
         latency = {d: {b: o.latency_ms[d][b] / c.latency_ms[d][b] for b in c.latency_ms[d]
                        if b in o.latency_ms.get(d, {})} for d in c.latency_ms}
         macs = o.macs / c.macs
-        return {"macs": macs, "params": o.params / c.params, "latency": latency,
+        conv = [l for l in self.layers if l.get("converted")]
+        layer_macs = sum(l["macs_before"] for l in conv) / max(sum(l["macs_after"] for l in conv), 1) if conv else 1.0
+        return {"macs": macs, "params": o.params / c.params, "latency": latency, "macs_converted_layers": layer_macs,
                 "realized": {d: {b: x / macs for b, x in v.items()} for d, v in latency.items()}}
 
     def to_dict(self) -> dict:
@@ -66,10 +68,12 @@ class Report:
                          f"({(self.converted.top1 - self.original.top1) * 100:+.2f} points), "
                          f"agreement {self.agreement_top1 * 100:.2f}%")
         lines.append(f"MACs {human(self.original.macs)} -> {human(self.converted.macs)} ({s['macs']:.2f}x fewer), "
-                     f"params {human(self.original.params)} -> {human(self.converted.params)}")
+                     f"params {human(self.original.params)} -> {human(self.converted.params)}; "
+                     f"the converted layers alone: {s['macs_converted_layers']:.2f}x fewer MACs")
         for dev, per in s["latency"].items():
-            parts = [f"batch {b}: {x:.2f}x (realized {s['realized'][dev][b]:.2f})" for b, x in per.items()]
-            lines.append(f"measured speedup on {dev} ({self.threads} threads): " + ", ".join(parts))
+            parts = [f"batch {b}: {x:.2f}x{' (slower)' if x < 1 else ''} (realized {s['realized'][dev][b]:.2f})"
+                     for b, x in per.items()]
+            lines.append(f"measured speedup on {dev} ({_threads(self.threads)}): " + ", ".join(parts))
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -79,10 +83,11 @@ class Report:
         out = [f"# leanconv report: {self.model}, recipe `{self.recipe}`", "",
                f"Input {'x'.join(map(str, self.input_size))}. MACs are multiply-adds per image "
                f"(1 MAC = 2 FLOPs). Latency: median of interleaved runs after warm-up, "
-               f"{self.threads} CPU threads.", "",
+               f"{_threads(self.threads)} on CPU.", "",
                "| | original | converted | ratio |", "|---|---|---|---|",
                f"| MACs | {human(o.macs)} | {human(c.macs)} | {s['macs']:.2f}x fewer |",
-               f"| params | {human(o.params)} | {human(c.params)} | {s['params']:.2f}x fewer |"]
+               f"| params | {human(o.params)} | {human(c.params)} | {s['params']:.2f}x fewer |",
+               f"| MACs of the converted layers | | | {s['macs_converted_layers']:.2f}x fewer |"]
         if o.top1 is not None:
             out.append(f"| top-1 | {pct(o.top1)} | {pct(c.top1)} | {(c.top1 - o.top1) * 100:+.2f} points |")
             out.append(f"| top-5 | {pct(o.top5)} | {pct(c.top5)} | {(c.top5 - o.top5) * 100:+.2f} points |")
@@ -91,7 +96,7 @@ class Report:
         for dev in c.latency_ms:
             for b in c.latency_ms[dev]:
                 out.append(f"| latency {dev}, batch {b} | {o.latency_ms[dev][b]:.2f} ms | "
-                           f"{c.latency_ms[dev][b]:.2f} ms | {s['latency'][dev][b]:.2f}x faster "
+                           f"{c.latency_ms[dev][b]:.2f} ms | {_faster(s['latency'][dev][b])} "
                            f"(realized {s['realized'][dev][b]:.2f}) |")
         out += ["", "Realized speedup = measured speedup / MAC speedup: 1.0 means the network got as "
                 "much faster as its MACs promise.", "", "## Layers", "",
@@ -105,6 +110,14 @@ class Report:
             out.append(f"| {l['name']} | {l['method']}{note} | {human(l['macs_before'])} | {human(l['macs_after'])} | "
                        f"{human(l['params_before'])} | {human(l['params_after'])} | {err} |")
         return "\n".join(out) + "\n"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def _faster(x: float) -> str:
+    return f"{x:.2f}x faster" if x >= 1 else f"{x:.2f}x (slower)"
 
 
 def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[dict]:
