@@ -30,7 +30,8 @@ from leanconv.serialize import write_json
 
 def calibrated(original, recipe, example, calib, held, layers=None):
     converted, plan = leanconv.convert(original, recipe, example, layers=layers, progress=False)
-    rep = leanconv.calibrate(original, converted, calib, recipe.calibration, holdout=held, progress=False)
+    cal = dataclasses.replace(recipe.calibration, holdout=len(held))
+    rep = leanconv.calibrate(original, converted, calib, cal, holdout=held, progress=False)
     errors = [l.error_after for l in rep.layers if l.error_after is not None]
     return plan, rep, sum(errors) / len(errors)
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--holdout", type=int, default=2000)
     ap.add_argument("--budget-images", type=int, default=128)
+    ap.add_argument("--weighting", default="gain", help="budget objective: gain | uniform | measured")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -63,7 +65,8 @@ def main() -> None:
         t_u = time.perf_counter() - t
         t = time.perf_counter()
         sol = solve_budget(original, recipe, example, budget_calib, plan_u.macs_after,
-                           config=BudgetConfig(images=args.budget_images, holdout=args.budget_images))
+                           config=BudgetConfig(images=args.budget_images, holdout=args.budget_images,
+                                              weighting=args.weighting))
         t_solve = time.perf_counter() - t
         print(sol.table())
         plan_b, rep_b, err_b = calibrated(original, recipe, example, calib, held, layers=sol.layers)
