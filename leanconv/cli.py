@@ -270,7 +270,8 @@ def cmd_sweep(args) -> int:
     result = sweep(runs, out, resume=bool(args.resume))
     if result is not None:
         print("\n" + result.to_markdown())
-        print(f"written: {Path(out) / 'sweep.json'}, sweep.md, sweep.png")
+        files = [f for f in ("sweep.md", "sweep.png") if (Path(out) / f).is_file()]
+        print(f"written: {Path(out) / 'sweep.json'}, {', '.join(files)}")
     return 0
 
 

@@ -12,6 +12,15 @@ from leanconv.recipes import get_recipe
 from leanconv.sweep import pareto_front, read_sweep, recipe_runs, sweep, sweep_runs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # shared machines: two OpenMP threads spin-waiting on a busy core make tiny convs far slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- Pareto math
 
 
@@ -65,7 +74,7 @@ def teacher_file(tmp_path_factory):
 TINY = ["--model", "leanconv.demo.teacher:fmnist_resnet", "--model-arg", "width=8", "--input-size", "16",
         "--in-chans", "1", "--min-channels", "8", "--data", "fashion-mnist", "--train-images", "64",
         "--eval-images", "32", "--calib-images", "16", "--epochs", "1", "--batch-size", "32", "--batches", "1",
-        "--latency-budget", "0.05"]
+        "--latency-budget", "0.05", "--no-calibrate"]  # calibration is exercised by the API test below
 
 
 def test_cli_sweep_of_two_recipes_writes_a_row_each_then_resumes_from_the_directory(tmp_path, teacher_file, capsys):
@@ -112,7 +121,8 @@ def test_api_sweep_of_one_recipe_and_an_unfinished_run_is_resumed(tmp_path, teac
     source = ModelSource("leanconv.demo.teacher:fmnist_resnet", {"width": 8}, checkpoint=str(teacher_file))
     base = RunConfig(source, get_recipe("sic-m2"), "fashion-mnist", tmp_path / "s", input_size=16, in_chans=1,
                      train_images=64, eval_images=32, report_batches=(1,), latency_budget_s=0.05)
-    overrides = {"finetune": {"epochs": 0.5}, "calibration": {"images": 16}, "select": {"min_channels": 8}}
+    overrides = {"finetune": {"epochs": 0.5}, "calibration": {"images": 16, "holdout": 16},
+                 "select": {"min_channels": 8}}
     runs = recipe_runs(base, ["unravel-b4"], overrides)
     assert runs[0].recipe.finetune.epochs == 0.5 and runs[0].recipe.select.min_channels == 8
     result = sweep(runs, tmp_path / "s", progress=False)
