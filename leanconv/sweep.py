@@ -391,7 +391,7 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"{result.model}: accuracy against cost (filled = Pareto-optimal)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
