@@ -27,9 +27,9 @@ def command(name: str, help: str):
 # --------------------------------------------------------------------------- shared arguments
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", required=required,
                    help="torchvision:NAME, timm:NAME (timm installed) or package.module:factory")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument of the model builder, e.g. num_classes=10 (repeatable)")
@@ -172,11 +172,12 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def _setup_run(p):
-    add_model_args(p)
-    p.add_argument("--recipe", default="sic-m2", help="built-in recipe name or a .toml file (default sic-m2)")
+def _setup_run(p, recipe: bool = True, required: bool = True):
+    add_model_args(p, required)
+    if recipe:
+        p.add_argument("--recipe", default="sic-m2", help="built-in recipe name or a .toml file (default sic-m2)")
     add_select_args(p)
-    p.add_argument("--data", required=True, help="imagefolder:PATH (with train/ and val/) or fashion-mnist[:PATH]")
+    p.add_argument("--data", required=required, help="imagefolder:PATH (with train/ and val/) or fashion-mnist[:PATH]")
     p.add_argument("--out", help="run directory (default: the --resume directory)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue an interrupted run (in DIR, or in --out)")
@@ -232,6 +233,45 @@ def cmd_run(args) -> int:
     report = run(run_config(args), resume=bool(args.resume))
     if report is not None:
         print("\n" + report.summary())
+    return 0
+
+
+def _setup_sweep(p):
+    _setup_run(p, recipe=False, required=False)  # --model and --data may come from the sweep when resuming
+    p.add_argument("--recipes", default=None, metavar="R1,R2,...",
+                   help="recipe names or .toml files, comma-separated; each gets its run in OUT/<recipe>/ "
+                        "(default when resuming: the sweep's)")
+    p.add_argument("--latency-budget", type=float, default=None, metavar="S",
+                   help="seconds of timing per batch size, for the runs and the sweep table (default 20)")
+
+
+@command("sweep", "several recipes on one model and data, then a Pareto table and plot of top-1 against "
+                  "MACs and latency")(_setup_sweep)
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    from leanconv.sweep import get_recipes, sweep, sweep_runs
+
+    out = args.out or (args.resume if isinstance(args.resume, str) else None)
+    if not out:
+        raise ConfigError("give the sweep directory with --out DIR (or --resume DIR)")
+    if args.model is None and args.resume and not args.recipes:
+        runs = sweep_runs(out)  # continue the sweep as it was started
+    else:
+        if args.model is None or args.data is None or not args.recipes:
+            raise ConfigError("give --model, --data and --recipes (or only --resume DIR to continue a sweep)")
+        names = [n.strip() for n in args.recipes.split(",")]
+        if not all(names):
+            raise ConfigError(f"--recipes expects names separated by commas, got {args.recipes!r}")
+        args.out = out
+        runs = [run_config(args, recipe=r) for r in get_recipes(names)]  # every name checked first
+    if args.latency_budget is not None:
+        runs = [dataclasses.replace(c, latency_budget_s=args.latency_budget) for c in runs]
+    result = sweep(runs, out, resume=bool(args.resume))
+    if result is not None:
+        print("\n" + result.to_markdown())
+        files = [f for f in ("sweep.md", "sweep.png") if (Path(out) / f).is_file()]
+        print(f"written: {Path(out) / 'sweep.json'}, {', '.join(files)}")
     return 0
 
 
