@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, setup, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         setup(p)
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for torch (default: torch's, usually one per core); latency figures "
+                            "state the count. On a machine shared with other jobs, 1 thread times far more steadily")
         p.set_defaults(func=fn)
     return parser
 
@@ -390,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", module="leanconv")
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except LeanconvError as e:
         print(f"leanconv {args.command}: error: {e}", file=sys.stderr)
