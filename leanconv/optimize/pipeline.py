@@ -11,12 +11,12 @@ from leanconv.layers.registry import LEANCONV_LAYERS
 from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
-from leanconv.optimize.ops import ConvOp, InferenceOp, StackOp, bn_affine
+from leanconv.optimize.ops import MKLDNN, ConvOp, InferenceOp, StackOp, bn_affine
 
 
 def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
              autotune: bool = True, channels_last: bool = True, fuse_relu: bool = True, repeats: int = 5,
-             threads: int | None = None) -> nn.Module:
+             threads: int | None = None, prepack: bool = True, guard: bool = True) -> nn.Module:
     """Prepare a model (original or converted) for fast inference; outputs stay the same.
 
     In order: eval mode; every replacement layer frozen into inference ops; each BatchNorm that
@@ -35,9 +35,16 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         fuse_relu: fuse following ReLU modules into producers.
         repeats: timed runs per alternative.
         threads: ``torch.set_num_threads`` while timing (default: unchanged).
+        prepack: turn every plain ``nn.Conv2d`` into a ``ConvOp`` too, whose weight is reordered
+            once into oneDNN's blocked layout instead of on every call (CPU float32).
+        guard: with autotuning, time the result against the unoptimized model on
+            ``example_inputs`` and return the unoptimized one (eval mode, warned) if it is faster:
+            optimize never makes a model slower than it was.
     Returns:
         The optimized model, in eval mode.
     """
+    guarded = guard and autotune and example_inputs is not None
+    reference = copy.deepcopy(model).eval() if guarded else None
     m = model if inplace else copy.deepcopy(model)
     m.eval()
     producers = tuple(LEANCONV_LAYERS) + (nn.Conv2d,)
@@ -51,13 +58,15 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         _fold_epilogue(m, name, op, follow.get(name), fuse_relu)
         m.set_submodule(name, op)
     for name, conv in list(m.named_modules()):
-        if type(conv) is nn.Conv2d and name in follow:
-            e = follow[name]
-            relu = fuse_relu and e.relu is not None
-            if relu or e.norm is not None:
-                op = ConvOp.from_conv(conv)
-                _fold_epilogue(m, name, op, e, fuse_relu)
-                m.set_submodule(name, op if relu else _as_conv(conv, op))
+        if type(conv) is not nn.Conv2d:
+            continue
+        e = follow.get(name)
+        relu = e is not None and fuse_relu and e.relu is not None
+        if relu or (e is not None and e.norm is not None) or (prepack and MKLDNN):
+            op = ConvOp.from_conv(conv)
+            _fold_epilogue(m, name, op, e, fuse_relu)
+            # a ConvOp keeps its weight packed in oneDNN's layout: kept wherever oneDNN runs
+            m.set_submodule(name, op if relu or (prepack and MKLDNN) else _as_conv(conv, op))
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     if autotune and example_inputs is not None:
@@ -70,9 +79,25 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             torch.set_num_threads(threads)
         try:
             choose(m, args, repeats=repeats, channels_last=channels_last)
+            if guarded and not _faster(m, reference, example_inputs, repeats):
+                warnings.warn("leanconv.optimize: the unoptimized model measured faster at this input; "
+                              "returning it unchanged (in eval mode)", stacklevel=2)
+                return reference
         finally:
             torch.set_num_threads(old)
     return m
+
+
+@torch.no_grad()
+def _faster(m: nn.Module, reference: nn.Module, example_inputs, repeats: int) -> bool:
+    """Whether the optimized model is at least as fast as the unoptimized one on the example
+    (as the caller passes it), by the median of interleaved runs."""
+    from leanconv.measure.timing import time_interleaved
+
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    t = time_interleaved({"opt": lambda: m(*args), "ref": lambda: reference(*args)}, repeats=max(3, repeats),
+                         warmup=1, budget_s=3.0)
+    return t["opt"].median <= t["ref"].median
 
 
 def _top_level(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
