@@ -59,8 +59,8 @@ def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
                              op.stride, op.padding, op.dilation)
                 out.append(alt.epilogue_from(op))
     elif isinstance(op, SplitOp):
-        out = [SplitOp(d, p) for d in alternatives(op.depthwise, max_plans)
-               for p in alternatives(op.project, max_plans)]
+        # the depthwise conv's own implementation is chosen first, alone (autotune.choose)
+        out = [SplitOp(op.depthwise, p) for p in alternatives(op.project, max_plans)]
         dense = dense_op(op)
         if dense is not None:
             out += alternatives(dense)

@@ -533,6 +533,73 @@ class StackOp(nn.Module):
             op.res_scale = a.clone() if op.res_scale is None else op.res_scale * a
 
 
+class ChunkedOp(InferenceOp):
+    """An op or a StackOp run on ``chunk`` images at a time (eager CPU): each chunk's intermediates
+    stay in cache instead of streaming the whole batch through memory once per layer (2x faster
+    for a SIC stack at 64 channels, 224x224, batch 16). The last conv of each chunk writes into
+    its slice of the one output (a fused in-place oneDNN call) where it can, else the chunk is
+    copied there. Under tracing or export it is the plain op."""
+
+    def __init__(self, inner: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.inner, self.chunk = inner, int(chunk)
+
+    relu = property(lambda self: self.inner.relu, lambda self, v: setattr(self.inner, "relu", v))
+    res_scale = property(lambda self: getattr(self.inner, "res_scale", None))
+
+    @property
+    def in_channels(self) -> int:
+        return self.inner.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.inner.out_channels
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        n, c = x.shape[0], self.chunk
+        if n <= c or not fused_path(x):
+            return self.inner(x) if residual is None else self.inner(x, residual)
+        out = None
+        for i in range(0, n, c):
+            xs = x[i:i + c]
+            rs = None if residual is None else residual[i:i + c]
+            if out is None:
+                y = self.inner(xs) if rs is None else self.inner(xs, rs)
+                out = y.new_empty((n,) + tuple(y.shape[1:])).contiguous(memory_format=torch.channels_last)
+                out[i:i + c].copy_(y)
+            else:
+                _run_into(self.inner, xs, rs, out[i:i + c])
+        return out
+
+    def impl_name(self) -> str:
+        inner = self.inner.impl_name() if hasattr(self.inner, "impl_name") else type(self.inner).__name__
+        return f"chunks of {self.chunk}: {inner}"
+
+
+def _run_into(op: nn.Module, x: Tensor, residual: Tensor | None, out: Tensor) -> None:
+    """``out[...] = op(x, residual)`` with the last conv writing into ``out`` where it can."""
+    if isinstance(op, StackOp):
+        last = len(op.ops) - 1
+        for i, (o, res) in enumerate(zip(op.ops, op.residual)):
+            if i == last:
+                return _run_into(o, x, x if res else None, out)
+            x = o(x, x if res else None)
+    if isinstance(op, SplitOp):
+        return _run_into(op.project, op.depthwise(x), residual, out)
+    if (isinstance(op, ConvOp) and op.impl == "onednn" and op.res_scale is None and op.padding_mode == "zeros"
+            and out.is_contiguous(memory_format=torch.channels_last)):
+        if residual is None:
+            out.zero_()
+        else:
+            out.copy_(residual)
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, x, op._packed(x, op.padding), op.bias, op.padding, op.stride, op.dilation, op.groups, "add", 1.0,
+            "relu" if op.relu else None, [], "")
+        return None
+    out.copy_(op(x) if residual is None else op(x, residual))
+    return None
+
+
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(a, b) with ``bn(y) = a * y + b`` per channel in eval mode.
 
