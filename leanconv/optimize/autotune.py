@@ -1,6 +1,7 @@
 """Choose each frozen op's fastest exact implementation by timing it at its real input shape."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor, nn
 
 from leanconv.measure.timing import time_interleaved
 from leanconv.optimize.freeze import alternatives
-from leanconv.optimize.ops import InferenceOp, StackOp
+from leanconv.optimize.ops import ChunkedOp, ConvOp, InferenceOp, SplitOp, StackOp, fused_path
 
 
 @dataclass(frozen=True)
@@ -64,24 +65,36 @@ def input_shapes(model: nn.Module, example_inputs: tuple, names: list[str]) -> d
 
 @torch.no_grad()
 def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: int = 1,
-           channels_last: bool = True, budget_s: float = 3.0) -> list[ImplChoice]:
+           channels_last: bool = True, budget_s: float = 3.0, chunks: tuple[int, ...] = (1, 4)) -> list[ImplChoice]:
     """Swap every tunable op for its fastest exact alternative (in place); returns what was measured.
 
     Ops that have one implementation only are not timed. Each op's timing stops after
-    ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow.
+    ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow. Then each
+    top-level unit (stack, op or conv) is timed on the whole batch against ``chunks`` images at a
+    time (``ChunkedOp``) and the fastest kept.
     """
     found = units(model)
     targets = {name: (container, i) for name, container, i in found}
-    shapes = input_shapes(model, example_inputs, list(targets))
+    tops = [n for n, m in model.named_modules() if n and isinstance(m, (InferenceOp, StackOp)) and not _inside_op(model, n)]
+    shapes = input_shapes(model, example_inputs, list(dict.fromkeys(list(targets) + tops)))
     choices = []
     for name, (container, i) in targets.items():
         op = container.ops[i] if i is not None else container
-        cands = alternatives(op)
-        if name not in shapes or len(cands) < 2:
+        if name not in shapes:
             continue
         param = next(iter(op.buffers()))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.randn(shapes[name], device=param.device, dtype=param.dtype).to(memory_format=fmt)
+        if isinstance(op, ConvOp) and _seconds(op, x) > 2e-3:
+            continue  # its implementations differ by per-call overheads only (tens of us): keep oneDNN's
+        if isinstance(op, SplitOp):  # its depthwise conv first, alone (not every pairing)
+            dws = alternatives(op.depthwise)
+            t = time_interleaved({str(k): (lambda c=c: c(x)) for k, c in enumerate(dws)}, repeats=repeats,
+                                 warmup=warmup, device=x.device, budget_s=budget_s / 2)
+            op.depthwise = dws[min(range(len(dws)), key=lambda k: t[str(k)].min)]
+        cands = alternatives(op)
+        if len(cands) < 2:
+            continue
         has_res = i is not None and container.residual[i]
         res = None
         if has_res:
@@ -97,7 +110,38 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         else:
             model.set_submodule(name, chosen)
         choices.append(ImplChoice(name, shapes[name], chosen.tuned, chosen.impl_name()))
+    for name in tops:  # then whole units (stacks, ops, convs) run a few images at a time, if faster
+        shape = shapes.get(name)
+        if shape is None or shape[0] < 2 or not fused_path(torch.empty(0)):
+            continue
+        unit = model.get_submodule(name)
+        cands = [unit] + [ChunkedOp(unit, c) for c in chunks if c < shape[0]]
+        if len(cands) < 2:
+            continue
+        param = next(iter(unit.buffers()))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(shape, device=param.device, dtype=param.dtype).to(memory_format=fmt)
+        timed = time_interleaved({str(k): (lambda c=c: c(x)) for k, c in enumerate(cands)}, repeats=repeats,
+                                 warmup=warmup, device=x.device, budget_s=budget_s)
+        best = min(range(len(cands)), key=lambda k: timed[str(k)].min)
+        if best == 0:
+            continue
+        chosen = cands[best]
+        chosen.tuned = tuple((("whole batch" if k == 0 else f"chunks of {c.chunk}"), timed[str(k)].min)
+                             for k, c in enumerate(cands))
+        chosen.tuned_shape = shape
+        chosen.tuned_label = f"chunks of {chosen.chunk}"
+        model.set_submodule(name, chosen)
+        choices.append(ImplChoice(name, shape, chosen.tuned, chosen.tuned_label))
     return choices
+
+
+def _seconds(op: nn.Module, x: Tensor) -> float:
+    """One call's time, after one warm-up call."""
+    op(x)
+    t = time.perf_counter()
+    op(x)
+    return time.perf_counter() - t
 
 
 def recorded_choices(model: nn.Module) -> list[ImplChoice]:
@@ -106,5 +150,6 @@ def recorded_choices(model: nn.Module) -> list[ImplChoice]:
     for name, m in model.named_modules():
         tuned = getattr(m, "tuned", None)
         if isinstance(m, InferenceOp) and tuned:
-            out.append(ImplChoice(name, tuple(getattr(m, "tuned_shape", ())), tuned, m.impl_name()))
+            out.append(ImplChoice(name, tuple(getattr(m, "tuned_shape", ())), tuned,
+                                  getattr(m, "tuned_label", None) or m.impl_name()))
     return out

@@ -45,7 +45,9 @@ def freeze(layer: nn.Module) -> InferenceOp | StackOp:
 def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
     """Exact alternatives of a frozen op (itself first), each with the op's epilogue."""
     out: list[InferenceOp] = [op]
-    if isinstance(op, TopoOp):
+    if isinstance(op, ConvOp):
+        out += [op.with_impl(i) for i in ConvOp.IMPLS if i != op.impl]
+    elif isinstance(op, TopoOp):
         out = [dense_op(op)]
         single = op.weight.shape[2:] == (1, 1) and op.stride == (1, 1) and op.padding == (0, 0)
         for plan in band_candidates(op.neighbours.cpu(), op.in_channels, max_plans):
@@ -57,10 +59,11 @@ def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
                              op.stride, op.padding, op.dilation)
                 out.append(alt.epilogue_from(op))
     elif isinstance(op, SplitOp):
+        # the depthwise conv's own implementation is chosen first, alone (autotune.choose)
         out = [SplitOp(op.depthwise, p) for p in alternatives(op.project, max_plans)]
         dense = dense_op(op)
         if dense is not None:
-            out.append(dense)
+            out += alternatives(dense)
     elif isinstance(op, BottleneckOp):
         out = [BottleneckOp(op.down, p, op.up_weight, op.bias, op.k, op.offset, up).epilogue_from(op)
                for p in alternatives(op.project, max_plans) for up in ("deconv", "expand")]

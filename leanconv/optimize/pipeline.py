@@ -11,21 +11,23 @@ from leanconv.layers.registry import LEANCONV_LAYERS
 from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
-from leanconv.optimize.ops import ConvOp, InferenceOp, StackOp, bn_affine
+from leanconv.optimize.ops import MKLDNN, ConvOp, InferenceOp, StackOp, bn_affine
 
 
 def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
              autotune: bool = True, channels_last: bool = True, fuse_relu: bool = True, repeats: int = 5,
-             threads: int | None = None) -> nn.Module:
+             threads: int | None = None, prepack: bool = True, guard: bool = True) -> nn.Module:
     """Prepare a model (original or converted) for fast inference; outputs stay the same.
 
     In order: eval mode; every replacement layer frozen into inference ops; each BatchNorm that
     alone follows a conv or replacement layer folded into it (BatchNorms inside stacks too) and
     replaced by ``nn.Identity``; a ReLU module that alone follows such a producer fused into its
-    last op (where the graph shows it is safe); channels_last weights; and, with
-    ``example_inputs`` and ``autotune``, each replacement op swapped for the fastest of its exact
-    implementations at its real input shape (timed here, on this machine; see
-    ``implementation_choices``). The model keeps its class: modules are swapped by name.
+    last op (where the graph shows it is safe); every plain conv turned into an op whose weight
+    oneDNN packs once (``prepack``); channels_last weights; and, with ``example_inputs`` and
+    ``autotune``, each op (replacement layers' parts and plain convs alike) swapped for the
+    fastest of its exact implementations at its real input shape (timed here, on this machine; see
+    ``implementation_choices``), then the result timed against the unoptimized model (``guard``).
+    The model keeps its class: modules are swapped by name.
 
     Args:
         model: any ``nn.Module``; a copy is optimized unless ``inplace``.
@@ -35,9 +37,16 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         fuse_relu: fuse following ReLU modules into producers.
         repeats: timed runs per alternative.
         threads: ``torch.set_num_threads`` while timing (default: unchanged).
+        prepack: turn every plain ``nn.Conv2d`` into a ``ConvOp`` too, whose weight is reordered
+            once into oneDNN's blocked layout instead of on every call (CPU float32).
+        guard: with autotuning, time the result against the unoptimized model on
+            ``example_inputs`` and return the unoptimized one (eval mode, warned) if it is faster:
+            optimize never makes a model slower than it was.
     Returns:
         The optimized model, in eval mode.
     """
+    guarded = guard and autotune and example_inputs is not None
+    reference = copy.deepcopy(model).eval() if guarded else None
     m = model if inplace else copy.deepcopy(model)
     m.eval()
     producers = tuple(LEANCONV_LAYERS) + (nn.Conv2d,)
@@ -51,13 +60,15 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         _fold_epilogue(m, name, op, follow.get(name), fuse_relu)
         m.set_submodule(name, op)
     for name, conv in list(m.named_modules()):
-        if type(conv) is nn.Conv2d and name in follow:
-            e = follow[name]
-            relu = fuse_relu and e.relu is not None
-            if relu or e.norm is not None:
-                op = ConvOp.from_conv(conv)
-                _fold_epilogue(m, name, op, e, fuse_relu)
-                m.set_submodule(name, op if relu else _as_conv(conv, op))
+        if type(conv) is not nn.Conv2d:
+            continue
+        e = follow.get(name)
+        relu = e is not None and fuse_relu and e.relu is not None
+        if relu or (e is not None and e.norm is not None) or (prepack and MKLDNN):
+            op = ConvOp.from_conv(conv)
+            _fold_epilogue(m, name, op, e, fuse_relu)
+            # a ConvOp keeps its weight packed in oneDNN's layout: kept wherever oneDNN runs
+            m.set_submodule(name, op if relu or (prepack and MKLDNN) else _as_conv(conv, op))
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     if autotune and example_inputs is not None:
@@ -70,9 +81,39 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             torch.set_num_threads(threads)
         try:
             choose(m, args, repeats=repeats, channels_last=channels_last)
+            if guarded and not _faster(m, reference, example_inputs, repeats):
+                warnings.warn("leanconv.optimize: the unoptimized model measured faster at this input; "
+                              "returning it unchanged (in eval mode)", stacklevel=2)
+                return reference
         finally:
             torch.set_num_threads(old)
     return m
+
+
+@torch.no_grad()
+def _faster(m: nn.Module, reference: nn.Module, example_inputs, repeats: int, clear: float = 0.8) -> bool:
+    """Whether the optimized model is at least as fast as the unoptimized one on the example
+    (as the caller passes it): medians of interleaved runs, after one warm-up round; one timed
+    round settles it when the optimized model is clearly faster (``clear``: time ratio)."""
+    import statistics
+    import time
+
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    fns = {"opt": lambda: m(*args), "ref": lambda: reference(*args)}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(max(3, repeats)):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t)
+        if r == 0 and samples["opt"][0] < clear * samples["ref"][0]:
+            return True
+        if r >= 2 and time.perf_counter() - start > 3.0:
+            break
+    return statistics.median(samples["opt"]) <= statistics.median(samples["ref"])
 
 
 def _top_level(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
