@@ -135,11 +135,14 @@ def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[di
     return rows
 
 
-def inference_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A deployment-ready copy (``leanconv.optimize``), as both networks are timed."""
+def inference_copy(model: nn.Module, example: torch.Tensor, device: str = "cpu") -> nn.Module:
+    """A deployment-ready copy, as both networks are timed: ``leanconv.optimize`` on CPU (its
+    kernels are CPU ones); on CUDA the eval-mode model in channels_last, unchanged otherwise."""
+    if torch.device(device).type != "cpu":
+        return copy.deepcopy(model).eval().to(device, memory_format=torch.channels_last)
     from leanconv.optimize import optimize
 
-    return optimize(copy.deepcopy(model).eval(), example)
+    return optimize(copy.deepcopy(model).eval().cpu(), example.cpu())
 
 
 def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,
@@ -161,8 +164,8 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
     steps = [(d, b) for d in devices for b in batches]
     for dev, b in tqdm(steps, desc="latency", disable=not progress, leave=False):
         example = torch.randn((1,) + shape)
-        models = {"original": inference_copy(original, example).to(dev),
-                  "converted": inference_copy(converted, example).to(dev)}
+        models = {"original": inference_copy(original, example, dev),
+                  "converted": inference_copy(converted, example, dev)}
         t = time_models(models, shape, b, dev, threads=threads, budget_s=latency_budget_s)
         for name in models:
             lat[name].setdefault(dev, {})[b] = t[name].median_ms
@@ -170,7 +173,9 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
     agreement = kl = None
     n = 0
     if data is not None:
-        a = compare(converted, original, data, max_images=eval_images, progress=progress, desc="accuracy")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # where the accuracy pass runs, both models moved
+        a = compare(converted.to(dev), original.to(dev), data, max_images=eval_images, device=dev,
+                    progress=progress, desc="accuracy")
         top = {"original": (a.reference_top1, a.reference_top5), "converted": (a.top1, a.top5)}
         agreement, kl, n = a.agreement_top1, a.kl, a.images
     o = Figures(plan.macs_before, plan.params_before, *top["original"], lat["original"])

@@ -331,7 +331,7 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     lat: dict[str, dict[str, dict[int, float]]] = {n: {} for n in models}
     example = torch.randn((1,) + shape)
     for dev in devices:
-        ready = {n: inference_copy(m, example).to(dev) for n, m in models.items()}
+        ready = {n: inference_copy(m, example, dev) for n, m in models.items()}
         for b in tqdm(first.report_batches, desc=f"latency {dev}", disable=not progress, leave=False):
             t = time_models(ready, shape, b, dev, threads=threads, budget_s=budget)
             for n in ready:
