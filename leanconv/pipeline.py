@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 from leanconv.errors import ConfigError, ModelError
 from leanconv.models import ModelSource
 from leanconv.recipes import Recipe, Selection
-from leanconv.serialize import MANIFEST, load, load_plan, save, write_json
+from leanconv.serialize import MANIFEST, load, load_plan, read_record, save, write_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "leanconv-run/1"
@@ -68,16 +68,8 @@ def read_run(directory: str | os.PathLike) -> dict:
     Raises:
         ModelError: not a run directory, or a corrupt run.json.
     """
-    path = Path(directory) / RUN_FILE
-    if not path.is_file():
-        raise ModelError(f"{directory} is not a leanconv run directory ({RUN_FILE} is missing)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is unreadable or corrupt: {e}") from None
-    if info.get("format") != RUN_FORMAT:
-        raise ModelError(f"{path} has format {info.get('format')!r}, expected {RUN_FORMAT!r}")
-    return info
+    return read_record(Path(directory) / RUN_FILE, RUN_FORMAT,
+                       f"{directory} is not a leanconv run directory ({RUN_FILE} is missing)")
 
 
 def _write_run(cfg: RunConfig, status: str, stages: dict) -> None:

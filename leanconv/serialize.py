@@ -65,21 +65,30 @@ def save(model: nn.Module, plan: ConversionPlan, directory: str | os.PathLike,
     return d
 
 
-def read_manifest(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise ModelError(f"{d} is not a directory; expected a leanconv run or model directory")
+def read_record(path: Path, fmt: str, missing: str) -> dict:
+    """A JSON record leanconv wrote (manifest, run.json, sweep.json), checked for its format.
+
+    Raises:
+        ModelError: ``missing`` when the file is absent; unreadable, corrupt or another format.
+    """
     if not path.is_file():
-        raise ModelError(f"{d} holds no saved model ({MANIFEST} is missing); save one with "
-                         f"`leanconv convert --out {d}` or leanconv.save")
+        raise ModelError(missing)
     try:
-        manifest = json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path} is unreadable or corrupt: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+    if not isinstance(info, dict) or info.get("format") != fmt:
+        got = info.get("format") if isinstance(info, dict) else None
+        raise ModelError(f"{path} has format {got!r}, expected {fmt!r}")
+    return info
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelError(f"{d} is not a directory; expected a leanconv run or model directory")
+    return read_record(d / MANIFEST, FORMAT, f"{d} holds no saved model ({MANIFEST} is missing); save one with "
+                                             f"`leanconv convert --out {d}` or leanconv.save")
 
 
 def load_plan(directory: str | os.PathLike) -> ConversionPlan:

@@ -25,7 +25,7 @@ from leanconv.models import ModelSource
 from leanconv.pipeline import RUN_FILE, RunConfig, is_main_process, read_run, run
 from leanconv.plan import human
 from leanconv.recipes import Recipe, Selection, get_recipe
-from leanconv.serialize import atomic_write, write_json
+from leanconv.serialize import atomic_write, read_record, write_json
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "leanconv-sweep/1"
@@ -179,14 +179,10 @@ def read_sweep(directory: str | os.PathLike) -> dict:
         ModelError: not a sweep directory, or a corrupt sweep.json.
     """
     path = Path(directory) / SWEEP_FILE
-    if not path.is_file():
-        raise ModelError(f"{directory} is not a leanconv sweep directory ({SWEEP_FILE} is missing)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is unreadable or corrupt: {e}") from None
-    if info.get("format") != SWEEP_FORMAT or not isinstance(info.get("runs"), list):
-        raise ModelError(f"{path} has format {info.get('format')!r}, expected {SWEEP_FORMAT!r} with its runs")
+    info = read_record(path, SWEEP_FORMAT,
+                       f"{directory} is not a leanconv sweep directory ({SWEEP_FILE} is missing)")
+    if not isinstance(info.get("runs"), list):
+        raise ModelError(f"{path} lists no runs")
     return info
 
 

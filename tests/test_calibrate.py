@@ -22,14 +22,7 @@ from leanconv.recipes import LayerSpec, Method, Recipe
 RECIPES = ("unravel-b4", "sic-m2", "sic-topo2d", "sic-bottleneck")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machines running the suite are shared: two OpenMP threads that spin-wait on a busy
-    # core make these tiny convolutions tens of times slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

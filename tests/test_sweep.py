@@ -12,13 +12,7 @@ from leanconv.recipes import get_recipe
 from leanconv.sweep import pareto_front, read_sweep, recipe_runs, sweep, sweep_runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # shared machines: two OpenMP threads spin-waiting on a busy core make tiny convs far slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- Pareto math
