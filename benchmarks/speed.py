@@ -63,21 +63,22 @@ def fidelity(opt: torch.nn.Module, raw: torch.nn.Module, x: torch.Tensor) -> tup
 
 
 def ort_times(models: dict, x: torch.Tensor, threads: int, repeats: int, warmup: int, tmp: str) -> dict | None:
-    """Median seconds per run in onnxruntime for each model (None when onnxruntime is missing)."""
+    """Median seconds per run in onnxruntime for each (unoptimized) model as `leanconv export --onnx`
+    writes it (None when onnxruntime is missing)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
     from leanconv.export import export_onnx, ort_session
-    from leanconv.optimize.freeze import densify_topology
 
     sessions = {}
     for key, m in models.items():
         path = os.path.join(tmp, f"{key}.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # m is optimized already; topological layers go to ONNX as dense convs
-            export_onnx(densify_topology(copy.deepcopy(m)), x[:1], path, check=False, optimized=False)
+            # what `leanconv export --onnx` writes: BN folded, epilogues fused, each layer in its
+            # canonical form (no eager-specific choices), topological layers as the dense convs they equal
+            export_onnx(m, x[:1], path, check=False)
         sessions[key] = ort_session(path, threads)
     feed = x.numpy()
     fns = {k: (lambda s=s: s.run(None, {"input": feed})) for k, s in sessions.items()}
@@ -205,7 +206,7 @@ def main() -> int:
                 with torch.no_grad():
                     tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2)
                 eager = tm["orig"].median / tm["conv"].median
-                ort = None if a.no_onnx else ort_times({"orig": orig, "conv": conv}, x, a.threads, reps, 2, tmp)
+                ort = None if a.no_onnx else ort_times({"orig": base, "conv": conv_raw}, x, a.threads, reps, 2, tmp)
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
                 comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1) if a.compile else None
                 gpu = cuda_speedup(orig, conv, x, reps) if a.cuda and torch.cuda.is_available() else None

@@ -114,7 +114,7 @@ def _onnx_export(m: nn.Module, args: tuple, path: str, names: list[str], opset: 
     if dynamo:
         dyn = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in args) if dynamic_batch else None
         torch.onnx.export(m, args, path, input_names=names, output_names=["output"], opset_version=opset,
-                          dynamo=True, dynamic_shapes=dyn, external_data=False, optimize=False)
+                          dynamo=True, dynamic_shapes=dyn, external_data=False, optimize=False, verbose=False)
     else:
         torch.onnx.export(m, args, path, input_names=names, output_names=["output"], opset_version=opset,
                           dynamo=False, dynamic_axes=dyn_axes)

@@ -295,3 +295,57 @@ def test_chunked_units_are_exact(kind):
             y = ChunkedOp(op, chunk)(x)
             assert y.is_contiguous(memory_format=torch.channels_last)
             assert rel_err(y, ref) < 1e-5, (kind, chunk)
+
+
+def test_unraveled_layer_split_into_multiplier_one_convs_is_exact():
+    """b depthwise convs of multiplier 1, each projected and summed, equal the unraveled layer
+    (with residual, residual scale, ReLU, and affine maps folded in afterwards)."""
+    from leanconv.layers import UnraveledConv
+    from leanconv.optimize.ops import SplitSumOp
+
+    torch.manual_seed(0)
+    layer = UnraveledConv.from_conv(nn.Conv2d(8, 12, 3, padding=1, stride=2), 3).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        op = freeze(layer)
+        op.relu, op.res_scale = True, torch.rand(12) + 0.5
+        summed = [a for a in alternatives(op) if isinstance(a, SplitSumOp)]
+        assert len(summed) == 1 and len(summed[0].depthwise) == 3
+        x = torch.randn(2, 8, 9, 9).to(memory_format=torch.channels_last)
+        res = torch.randn(2, 12, 5, 5)
+        assert rel_err(summed[0](x, res), op(x, res)) < 1e-5
+        a, b, s = torch.rand(12) + 0.5, torch.randn(12), torch.rand(8) + 0.5
+        for o in (op, summed[0]):
+            o.scale_output(a, b)
+            o.scale_input(s)
+        assert rel_err(summed[0](x, res), op(x, res)) < 1e-5
+        assert SplitSumOp.from_split(freeze(SICStack.from_conv(nn.Conv2d(8, 8, 3, padding=1)).layers[0])) is None
+
+
+def test_equal_ops_are_timed_once(monkeypatch):
+    """Repeated blocks of the same shape reuse the first one's timing and choice."""
+    import importlib
+
+    autotune = importlib.import_module("leanconv.optimize.autotune")  # (leanconv.optimize is also a function)
+    calls = []
+    real = autotune.time_interleaved
+
+    def counting(fns, **kw):
+        calls.append(len(fns))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(autotune, "time_interleaved", counting)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8)
+    counts = []
+    for blocks in (1, 3):
+        autotune.clear_timings()
+        calls.clear()
+        model = nn.Sequential(*[SICStack.from_conv(conv, depth=2) for _ in range(blocks)])
+        opt = leanconv.optimize(model, x, repeats=1, guard=False)
+        counts.append(len(calls))
+        choices = [c for c in leanconv.implementation_choices(opt) if not c.chosen.startswith("chunks")]
+        assert len(choices) == 2 * blocks  # every op still records what was measured for it
+    assert counts[0] > 0 and counts[1] == counts[0]
+    autotune.clear_timings()

@@ -63,6 +63,36 @@ def input_shapes(model: nn.Module, example_inputs: tuple, names: list[str]) -> d
     return shapes
 
 
+# (what was timed: op structure, input shape, threads) -> (index of the fastest candidate, timings)
+_MEMO: dict[tuple, tuple[int, tuple]] = {}
+_MEMO_MAX = 4096
+
+
+def _signature(kind: str, op: nn.Module, shape: tuple[int, ...], *extra) -> tuple:
+    """What decides an op's timings: its structure (repr: kernel sizes, strides, groups, epilogue),
+    its buffers' shapes, the input shape and the thread count. Ops with equal signatures (a
+    network's repeated blocks; the unconverted convs of an original and its converted copy) are
+    timed once."""
+    buffers = tuple((n, tuple(b.shape), b.dtype, b.device.type) for n, b in op.named_buffers())
+    return (kind, repr(op), buffers, tuple(shape), torch.get_num_threads()) + extra
+
+
+def _pick(key: tuple, timer) -> tuple[int, tuple]:
+    """(index, timings) for ``key``: remembered, or measured by ``timer()`` and remembered."""
+    hit = _MEMO.get(key)
+    if hit is None:
+        hit = timer()
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = hit
+    return hit
+
+
+def clear_timings() -> None:
+    """Forget every timing ``choose`` remembered (the next call measures again)."""
+    _MEMO.clear()
+
+
 @torch.no_grad()
 def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: int = 1,
            channels_last: bool = True, budget_s: float = 3.0, chunks: tuple[int, ...] = (1, 4)) -> list[ImplChoice]:
@@ -71,7 +101,9 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
     Ops that have one implementation only are not timed. Each op's timing stops after
     ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow. Then each
     top-level unit (stack, op or conv) is timed on the whole batch against ``chunks`` images at a
-    time (``ChunkedOp``) and the fastest kept.
+    time (``ChunkedOp``) and the fastest kept. An op whose structure, input shape and thread
+    count were timed before in this process takes the same choice without timing again
+    (``clear_timings`` forgets).
     """
     found = units(model)
     targets = {name: (container, i) for name, container, i in found}
@@ -85,13 +117,15 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         param = next(iter(op.buffers()))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.randn(shapes[name], device=param.device, dtype=param.dtype).to(memory_format=fmt)
-        if isinstance(op, ConvOp) and _seconds(op, x) > 2e-3:
-            continue  # its implementations differ by per-call overheads only (tens of us): keep oneDNN's
+        if isinstance(op, ConvOp):
+            big = _pick(_signature("big", op, x.shape), lambda: (int(_seconds(op, x) > 2e-3), ()))[0]
+            if big:
+                continue  # its implementations differ by per-call overheads only (tens of us): keep oneDNN's
         if isinstance(op, SplitOp):  # its depthwise conv first, alone (not every pairing)
             dws = alternatives(op.depthwise)
-            t = time_interleaved({str(k): (lambda c=c: c(x)) for k, c in enumerate(dws)}, repeats=repeats,
-                                 warmup=warmup, device=x.device, budget_s=budget_s / 2)
-            op.depthwise = dws[min(range(len(dws)), key=lambda k: t[str(k)].min)]
+            k, _ = _pick(_signature("dw", op.depthwise, x.shape), lambda: _fastest(
+                [lambda c=c: c(x) for c in dws], repeats, warmup, x.device, budget_s / 2))
+            op.depthwise = dws[k]
         cands = alternatives(op)
         if len(cands) < 2:
             continue
@@ -99,11 +133,10 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         res = None
         if has_res:
             res = torch.randn(cands[0](x).shape, device=x.device, dtype=x.dtype).to(memory_format=fmt)
-        fns = {str(k): (lambda c=c: c(x, res)) for k, c in enumerate(cands)}
-        timed = time_interleaved(fns, repeats=repeats, warmup=warmup, device=x.device, budget_s=budget_s)
-        best = min(range(len(cands)), key=lambda k: timed[str(k)].min)
+        best, seconds = _pick(_signature("op", op, x.shape, has_res, len(cands)), lambda: _fastest(
+            [lambda c=c: c(x, res) for c in cands], repeats, warmup, x.device, budget_s))
         chosen = cands[best]
-        chosen.tuned = tuple((c.impl_name(), timed[str(k)].min) for k, c in enumerate(cands))
+        chosen.tuned = tuple((c.impl_name(), t) for c, t in zip(cands, seconds))
         chosen.tuned_shape = shapes[name]
         if i is not None:
             container.ops[i] = chosen
@@ -121,19 +154,26 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         param = next(iter(unit.buffers()))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.randn(shape, device=param.device, dtype=param.dtype).to(memory_format=fmt)
-        timed = time_interleaved({str(k): (lambda c=c: c(x)) for k, c in enumerate(cands)}, repeats=repeats,
-                                 warmup=warmup, device=x.device, budget_s=budget_s)
-        best = min(range(len(cands)), key=lambda k: timed[str(k)].min)
+        best, seconds = _pick(_signature("chunks", unit, shape, chunks), lambda: _fastest(
+            [lambda c=c: c(x) for c in cands], repeats, warmup, x.device, budget_s))
         if best == 0:
             continue
         chosen = cands[best]
-        chosen.tuned = tuple((("whole batch" if k == 0 else f"chunks of {c.chunk}"), timed[str(k)].min)
-                             for k, c in enumerate(cands))
+        chosen.tuned = tuple((("whole batch" if k == 0 else f"chunks of {c.chunk}"), t)
+                             for k, (c, t) in enumerate(zip(cands, seconds)))
         chosen.tuned_shape = shape
         chosen.tuned_label = f"chunks of {chosen.chunk}"
         model.set_submodule(name, chosen)
         choices.append(ImplChoice(name, shape, chosen.tuned, chosen.tuned_label))
     return choices
+
+
+def _fastest(fns: list, repeats: int, warmup: int, device, budget_s: float) -> tuple[int, tuple[float, ...]]:
+    """(index of the fastest, best seconds of each) of interleaved timings of ``fns``."""
+    timed = time_interleaved({str(k): f for k, f in enumerate(fns)}, repeats=repeats, warmup=warmup,
+                             device=device, budget_s=budget_s)
+    seconds = tuple(timed[str(k)].min for k in range(len(fns)))
+    return min(range(len(fns)), key=seconds.__getitem__), seconds
 
 
 def _seconds(op: nn.Module, x: Tensor) -> float:

@@ -6,7 +6,7 @@ from torch import nn
 from leanconv.errors import ModelError
 from leanconv.layers import ResidualStack, SICLayer, SpatialBottleneck, TopoConv2d, UnraveledConv
 from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan
-from leanconv.optimize.ops import BottleneckOp, ConvOp, InferenceOp, SplitOp, StackOp, TopoOp, bn_affine
+from leanconv.optimize.ops import BottleneckOp, ConvOp, InferenceOp, SplitOp, SplitSumOp, StackOp, TopoOp, bn_affine
 
 FREEZABLE = (nn.Conv2d, TopoConv2d, SICLayer, UnraveledConv, SpatialBottleneck, ResidualStack)
 
@@ -61,6 +61,9 @@ def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
     elif isinstance(op, SplitOp):
         # the depthwise conv's own implementation is chosen first, alone (autotune.choose)
         out = [SplitOp(op.depthwise, p) for p in alternatives(op.project, max_plans)]
+        summed = SplitSumOp.from_split(op)
+        if summed is not None:
+            out.append(summed)
         dense = dense_op(op)
         if dense is not None:
             out += alternatives(dense)
