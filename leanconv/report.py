@@ -73,7 +73,8 @@ class Report:
         for dev, per in s["latency"].items():
             parts = [f"batch {b}: {x:.2f}x{' (slower)' if x < 1 else ''} (realized {s['realized'][dev][b]:.2f})"
                      for b, x in per.items()]
-            lines.append(f"measured speedup on {dev} ({_threads(self.threads)}): " + ", ".join(parts))
+            where = f"{dev} ({_threads(self.threads)})" if dev in ("cpu", "onnxruntime") else dev
+            lines.append(f"measured speedup on {where}: " + ", ".join(parts))
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -99,7 +100,10 @@ class Report:
                            f"{c.latency_ms[dev][b]:.2f} ms | {_faster(s['latency'][dev][b])} "
                            f"(realized {s['realized'][dev][b]:.2f}) |")
         out += ["", "Realized speedup = measured speedup / MAC speedup: 1.0 means the network got as "
-                "much faster as its MACs promise.", "", "## Layers", "",
+                "much faster as its MACs promise."]
+        if "onnxruntime" in c.latency_ms:
+            out += ["onnxruntime (CPU): both networks as `leanconv export --onnx` writes them."]
+        out += ["", "## Layers", "",
                 "| layer | method | MACs before | MACs after | params before | params after | "
                 "calibration error (start -> after) |", "|---|---|---|---|---|---|---|"]
         for l in self.layers:
@@ -145,15 +149,42 @@ def inference_copy(model: nn.Module, example: torch.Tensor, device: str = "cpu")
     return optimize(copy.deepcopy(model).eval().cpu(), example.cpu())
 
 
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def _onnxruntime_latency(original: nn.Module, converted: nn.Module, shape: tuple, batches: tuple[int, ...],
+                         threads: int, budget_s: float, progress: bool) -> dict:
+    """{batch: {name: Timing}} in onnxruntime; empty, with a warning, when that fails (an optional
+    figure never stops a report)."""
+    import warnings
+
+    from leanconv.measure.latency import time_onnxruntime
+
+    models = {"original": copy.deepcopy(original).cpu().eval(), "converted": copy.deepcopy(converted).cpu().eval()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own chatter
+            return time_onnxruntime(models, shape, batches, threads, budget_s=budget_s, progress=progress)
+    except Exception as e:  # export or onnxruntime: many kinds
+        first = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"onnxruntime latency skipped: {type(e).__name__}: {first}", stacklevel=3)
+        return {}
+
+
 def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,
                  data=None, eval_images: int | None = None, batches: tuple[int, ...] = (1, 32),
                  devices: tuple[str, ...] | None = None, threads: int | None = None,
                  calibration: dict | None = None, stages: dict | None = None,
-                 latency_budget_s: float = 20.0, progress: bool = True) -> Report:
+                 latency_budget_s: float = 20.0, progress: bool = True, onnxruntime: bool | None = None) -> Report:
     """Measure original and converted side by side.
 
     Latency is measured on the optimized copies (the same preparation for both), on CPU always and
-    on CUDA when present, interleaved in one process. Accuracy only when ``data`` is given.
+    on CUDA when present, interleaved in one process; with ``onnxruntime`` (default: when it is
+    installed and CPU is measured) also in onnxruntime, both networks as ``leanconv export --onnx``
+    writes them. Accuracy only when ``data`` is given.
     """
     from tqdm.auto import tqdm
 
@@ -169,6 +200,13 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
         t = time_models(models, shape, b, dev, threads=threads, budget_s=latency_budget_s)
         for name in models:
             lat[name].setdefault(dev, {})[b] = t[name].median_ms
+    if onnxruntime is None:
+        onnxruntime = "cpu" in devices and _has_onnxruntime()
+    if onnxruntime:
+        ort = _onnxruntime_latency(original, converted, shape, batches, threads, latency_budget_s, progress)
+        for b, t in ort.items():
+            for name in t:
+                lat[name].setdefault("onnxruntime", {})[b] = t[name].median_ms
     top = {"original": (None, None), "converted": (None, None)}
     agreement = kl = None
     n = 0

@@ -1,6 +1,7 @@
 """run -> report on a tiny Fashion-MNIST network: every report field, agreement with plan.json, clear
 errors for unfinished or missing runs, resume, and no half-written report."""
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def test_report_json_has_every_field_and_agrees_with_plan(finished):
     for b, x in rep["speedup"]["latency"]["cpu"].items():
         lat = rep["original"]["latency_ms"]["cpu"][b] / rep["converted"]["latency_ms"]["cpu"][b]
         assert x == pytest.approx(lat)
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):  # the test extra has it
+        for side in ("original", "converted"):
+            assert set(rep[side]["latency_ms"]["onnxruntime"]) == {"1", "4"}
+        assert set(rep["speedup"]["realized"]["onnxruntime"]) == {"1", "4"}
+        assert "onnxruntime" in (cfg.out / "report.md").read_text()
     assert [l["name"] for l in rep["layers"]] == [l["name"] for l in plan["layers"]]
     for mine, theirs in zip(rep["layers"], plan["layers"]):
         assert (mine["macs_before"], mine["macs_after"]) == (theirs["macs_before"], theirs["macs_after"])
@@ -138,3 +144,21 @@ def test_run_with_a_mac_budget_meets_it(tmp_path, monkeypatch):
     impossible = dataclasses.replace(cfg, out=tmp_path / "impossible", target_macs=0.01)
     with pytest.raises(ConfigError, match="cannot be met"):
         run(impossible, progress=False)
+
+
+def test_a_failed_onnxruntime_measurement_is_a_warning_not_a_failed_report(monkeypatch):
+    import leanconv.measure.latency as latency
+    from leanconv.report import build_report
+
+    def fail(*a, **k):
+        raise ModelError("torch.onnx cannot export this model")
+
+    monkeypatch.setattr(latency, "time_onnxruntime", fail)
+    torch.manual_seed(0)
+    base = fmnist_resnet(width=8).eval()
+    conv, plan = leanconv.convert(base, "sic-m2", torch.randn(1, 1, 28, 28))
+    with pytest.warns(UserWarning, match="onnxruntime latency skipped: ModelError: torch.onnx cannot export"):
+        rep = build_report(base, conv, plan, model_name="tiny", batches=(1,), latency_budget_s=0.1,
+                           progress=False, onnxruntime=True)
+    assert set(rep.converted.latency_ms) == {"cpu"}
+    assert "onnxruntime" not in rep.to_markdown()

@@ -43,3 +43,40 @@ def time_models(models: dict[str, nn.Module], input_shape: tuple[int, ...], batc
                                    dev if dev.type == "cuda" else None, budget_s)
     return {n: Timing(n, str(dev), batch, used, s.median * 1e3, s.min * 1e3, max(s.samples) * 1e3,
                       len(s.samples)) for n, s in samples.items()}
+
+
+def time_onnxruntime(models: dict[str, nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...],
+                     threads: int | None = None, warmup: int = 3, repeats: int = 15,
+                     budget_s: float = 20.0, progress: bool = False) -> dict[int, dict[str, Timing]]:
+    """Time every model in onnxruntime (CPU) as ``leanconv export --onnx`` writes it, interleaved,
+    at each batch size (one export per model, batch dimension dynamic).
+
+    Raises:
+        ConfigError: onnxruntime is not installed.
+        ModelError: a model cannot be exported.
+    """
+    import tempfile
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from leanconv.export import export_onnx, ort_session
+
+    example = torch.randn((1,) + tuple(input_shape))
+    out: dict[int, dict[str, Timing]] = {}
+    bar = tqdm(total=len(models) + len(batches), desc="latency onnxruntime", disable=not progress, leave=False)
+    with bar, tempfile.TemporaryDirectory(prefix="leanconv-ort-") as tmp:
+        sessions = {}
+        for name, m in models.items():
+            path = f"{tmp}/{name}.onnx"
+            export_onnx(m, example, path, check=False)
+            sessions[name] = ort_session(path, threads)
+            bar.update()
+        for b in batches:
+            bar.update()
+            feed = {"input": np.random.default_rng(0).standard_normal((b,) + tuple(input_shape), dtype=np.float32)}
+            samples = time_interleaved({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()},
+                                       repeats, warmup, None, budget_s)
+            out[b] = {n: Timing(n, "onnxruntime", b, threads or 0, s.median * 1e3, s.min * 1e3,
+                                max(s.samples) * 1e3, len(s.samples)) for n, s in samples.items()}
+    return out
