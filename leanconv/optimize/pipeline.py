@@ -35,7 +35,8 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         autotune: time the alternatives (needs ``example_inputs``).
         channels_last: convert 4-D weights to channels_last (inputs follow after the first conv).
         fuse_relu: fuse following ReLU modules into producers.
-        repeats: timed runs per alternative.
+        repeats: timed runs per alternative (ops timed before in this process, at the same shape
+            and thread count, reuse those timings; ``from leanconv.optimize import clear_timings`` to forget).
         threads: ``torch.set_num_threads`` while timing (default: unchanged).
         prepack: turn every plain ``nn.Conv2d`` into a ``ConvOp`` too, whose weight is reordered
             once into oneDNN's blocked layout instead of on every call (CPU float32).
