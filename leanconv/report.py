@@ -149,21 +149,21 @@ def inference_copy(model: nn.Module, example: torch.Tensor, device: str = "cpu")
     return optimize(copy.deepcopy(model).eval().cpu(), example.cpu())
 
 
-def _has_onnxruntime() -> bool:
+def has_onnxruntime() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
-def _onnxruntime_latency(original: nn.Module, converted: nn.Module, shape: tuple, batches: tuple[int, ...],
-                         threads: int, budget_s: float, progress: bool) -> dict:
-    """{batch: {name: Timing}} in onnxruntime; empty, with a warning, when that fails (an optional
-    figure never stops a report)."""
+def onnxruntime_latency(models: dict[str, nn.Module], shape: tuple, batches: tuple[int, ...], threads: int,
+                        budget_s: float, progress: bool) -> dict:
+    """{batch: {name: Timing}} in onnxruntime, every model as ``leanconv export --onnx`` writes it;
+    empty, with a warning, when that fails (an optional figure never stops a report or sweep)."""
     import warnings
 
     from leanconv.measure.latency import time_onnxruntime
 
-    models = {"original": copy.deepcopy(original).cpu().eval(), "converted": copy.deepcopy(converted).cpu().eval()}
+    models = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's own chatter
@@ -201,9 +201,10 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
         for name in models:
             lat[name].setdefault(dev, {})[b] = t[name].median_ms
     if onnxruntime is None:
-        onnxruntime = "cpu" in devices and _has_onnxruntime()
+        onnxruntime = "cpu" in devices and has_onnxruntime()
     if onnxruntime:
-        ort = _onnxruntime_latency(original, converted, shape, batches, threads, latency_budget_s, progress)
+        ort = onnxruntime_latency({"original": original, "converted": converted}, shape, batches, threads,
+                                  latency_budget_s, progress)
         for b, t in ort.items():
             for name in t:
                 lat[name].setdefault("onnxruntime", {})[b] = t[name].median_ms

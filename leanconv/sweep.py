@@ -306,7 +306,7 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
 
     import leanconv
     from leanconv.measure.latency import time_models
-    from leanconv.report import inference_copy
+    from leanconv.report import has_onnxruntime, inference_copy, onnxruntime_latency
 
     reports = {}
     for cfg in runs:
@@ -332,6 +332,11 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
             t = time_models(ready, shape, b, dev, threads=threads, budget_s=budget)
             for n in ready:
                 lat[n].setdefault(dev, {})[b] = t[n].median_ms
+    if has_onnxruntime():  # as `leanconv export --onnx` writes them, as in the reports
+        ort = onnxruntime_latency(models, shape, tuple(first.report_batches), threads, budget, progress)
+        for b, t in ort.items():
+            for n in t:
+                lat[n].setdefault("onnxruntime", {})[b] = t[n].median_ms
     rep0 = reports[first.recipe.name]
     o = rep0["original"]
     rows = [SweepRow(ORIGINAL, o["macs"], o["params"], o.get("top1"), o.get("top5"), lat[ORIGINAL])]

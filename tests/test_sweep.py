@@ -9,6 +9,7 @@ from leanconv.demo.teacher import fmnist_resnet
 from leanconv.models import ModelSource
 from leanconv.pipeline import RunConfig
 from leanconv.recipes import get_recipe
+from leanconv.report import has_onnxruntime
 from leanconv.sweep import pareto_front, read_sweep, recipe_runs, sweep, sweep_runs
 
 
@@ -94,6 +95,9 @@ def test_cli_sweep_of_two_recipes_writes_a_row_each_then_resumes_from_the_direct
     assert [n for n in names if rows[n]["pareto_latency"]["cpu"]["1"]] == [names[i] for i in front]
     md = (out / "sweep.md").read_text()
     assert all(f"| {n} |" in md for n in names) and "★" in md
+    if has_onnxruntime():  # every network also timed in onnxruntime, with its own front
+        assert all(r["latency_ms"]["onnxruntime"]["1"] > 0 for r in rows.values())
+        assert "latency onnxruntime b1" in md
     pytest.importorskip("matplotlib")
     assert (out / "sweep.png").stat().st_size > 0
     assert not list(out.glob(".*.tmp"))
