@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from leanconv.measure.accuracy import compare
-from leanconv.measure.latency import time_models
+from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
 from leanconv.plan import ConversionPlan, human
 from leanconv.serialize import atomic_write, write_json
 
@@ -149,31 +149,6 @@ def inference_copy(model: nn.Module, example: torch.Tensor, device: str = "cpu")
     return optimize(copy.deepcopy(model).eval().cpu(), example.cpu())
 
 
-def has_onnxruntime() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
-
-
-def onnxruntime_latency(models: dict[str, nn.Module], shape: tuple, batches: tuple[int, ...], threads: int,
-                        budget_s: float, progress: bool) -> dict:
-    """{batch: {name: Timing}} in onnxruntime, every model as ``leanconv export --onnx`` writes it;
-    empty, with a warning, when that fails (an optional figure never stops a report or sweep)."""
-    import warnings
-
-    from leanconv.measure.latency import time_onnxruntime
-
-    models = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's own chatter
-            return time_onnxruntime(models, shape, batches, threads, budget_s=budget_s, progress=progress)
-    except Exception as e:  # export or onnxruntime: many kinds
-        first = str(e).splitlines()[0] if str(e) else ""
-        warnings.warn(f"onnxruntime latency skipped: {type(e).__name__}: {first}", stacklevel=3)
-        return {}
-
-
 def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,
                  data=None, eval_images: int | None = None, batches: tuple[int, ...] = (1, 32),
                  devices: tuple[str, ...] | None = None, threads: int | None = None,
@@ -203,11 +178,10 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
     if onnxruntime is None:
         onnxruntime = "cpu" in devices and has_onnxruntime()
     if onnxruntime:
-        ort = onnxruntime_latency({"original": original, "converted": converted}, shape, batches, threads,
-                                  latency_budget_s, progress)
-        for b, t in ort.items():
-            for name in t:
-                lat[name].setdefault("onnxruntime", {})[b] = t[name].median_ms
+        ort = onnxruntime_latency_ms({"original": original, "converted": converted}, shape, batches, threads,
+                                     latency_budget_s, progress)
+        for name, per in ort.items():
+            lat[name]["onnxruntime"] = per
     top = {"original": (None, None), "converted": (None, None)}
     agreement = kl = None
     n = 0

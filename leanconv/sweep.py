@@ -305,8 +305,8 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     from tqdm.auto import tqdm
 
     import leanconv
-    from leanconv.measure.latency import time_models
-    from leanconv.report import has_onnxruntime, inference_copy, onnxruntime_latency
+    from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+    from leanconv.report import inference_copy
 
     reports = {}
     for cfg in runs:
@@ -333,10 +333,9 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
             for n in ready:
                 lat[n].setdefault(dev, {})[b] = t[n].median_ms
     if has_onnxruntime():  # as `leanconv export --onnx` writes them, as in the reports
-        ort = onnxruntime_latency(models, shape, tuple(first.report_batches), threads, budget, progress)
-        for b, t in ort.items():
-            for n in t:
-                lat[n].setdefault("onnxruntime", {})[b] = t[n].median_ms
+        ort = onnxruntime_latency_ms(models, shape, tuple(first.report_batches), threads, budget, progress)
+        for n, per in ort.items():
+            lat[n]["onnxruntime"] = per
     rep0 = reports[first.recipe.name]
     o = rep0["original"]
     rows = [SweepRow(ORIGINAL, o["macs"], o["params"], o.get("top1"), o.get("top5"), lat[ORIGINAL])]

@@ -6,10 +6,10 @@ import torch
 
 from leanconv.cli import main
 from leanconv.demo.teacher import fmnist_resnet
+from leanconv.measure.latency import has_onnxruntime
 from leanconv.models import ModelSource
 from leanconv.pipeline import RunConfig
 from leanconv.recipes import get_recipe
-from leanconv.report import has_onnxruntime
 from leanconv.sweep import pareto_front, read_sweep, recipe_runs, sweep, sweep_runs
 
 

@@ -80,3 +80,30 @@ def time_onnxruntime(models: dict[str, nn.Module], input_shape: tuple[int, ...],
             out[b] = {n: Timing(n, "onnxruntime", b, threads or 0, s.median * 1e3, s.min * 1e3,
                                 max(s.samples) * 1e3, len(s.samples)) for n, s in samples.items()}
     return out
+
+
+def has_onnxruntime() -> bool:
+    """Whether onnxruntime and onnx are installed (``pip install leanconv[export]``)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def onnxruntime_latency_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...],
+                           threads: int | None, budget_s: float, progress: bool) -> dict[str, dict[int, float]]:
+    """``{name: {batch: median ms}}`` in onnxruntime (see ``time_onnxruntime``), on CPU copies of the
+    models; empty, with a one-line warning, when that fails: an optional figure never stops a report
+    or a sweep."""
+    import copy
+    import warnings
+
+    models = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own chatter
+            timed = time_onnxruntime(models, input_shape, batches, threads, budget_s=budget_s, progress=progress)
+    except Exception as e:  # export or onnxruntime: many kinds
+        first = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"onnxruntime latency skipped: {type(e).__name__}: {first}", stacklevel=3)
+        return {}
+    return {n: {b: timed[b][n].median_ms for b in batches} for n in models}
