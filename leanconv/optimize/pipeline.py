@@ -11,12 +11,14 @@ from leanconv.layers.registry import LEANCONV_LAYERS
 from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
+from leanconv.optimize.memory import keep_freed_memory
 from leanconv.optimize.ops import MKLDNN, ConvOp, InferenceOp, StackOp, bn_affine
 
 
 def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
              autotune: bool = True, channels_last: bool = True, fuse_relu: bool = True, repeats: int = 5,
-             threads: int | None = None, prepack: bool = True, guard: bool = True) -> nn.Module:
+             threads: int | None = None, prepack: bool = True, guard: bool = True,
+             keep_memory: bool = True) -> nn.Module:
     """Prepare a model (original or converted) for fast inference; outputs stay the same.
 
     In order: eval mode; every replacement layer frozen into inference ops; each BatchNorm that
@@ -43,9 +45,16 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         guard: with autotuning, time the result against the unoptimized model on
             ``example_inputs`` and return the unoptimized one (eval mode, warned) if it is faster:
             optimize never makes a model slower than it was.
+        keep_memory: on glibc, keep freed memory in the process for reuse instead of giving every
+            large tensor fresh pages (``leanconv.optimize.keep_freed_memory``; process-wide, and
+            resident memory stays at its peak). Large activations otherwise cost a page fault per
+            4 KiB on every call: ResNet-50 and VGG-16 at batch 16 spend more time there than in
+            some of their convs, and converted networks, with more intermediate tensors, most.
     Returns:
         The optimized model, in eval mode.
     """
+    if keep_memory:
+        keep_freed_memory()
     guarded = guard and autotune and example_inputs is not None
     reference = copy.deepcopy(model).eval() if guarded else None
     m = model if inplace else copy.deepcopy(model)
