@@ -1,10 +1,11 @@
 """Convert every torchvision classification model with every built-in recipe (weights=None).
 
 For each (model, recipe): conversion, output shape, forward and backward must succeed, or every
-listed conv must be refused with a reason. Prints one row per pair and a summary; exits 1 on any
-failure.
+listed conv must be refused with a reason. With ``--optimize``, ``leanconv.optimize`` (autotuned at the
+input) must also keep the outputs of the original and of the converted network (relative error
+< 1e-5). Prints one row per pair and a summary; exits 1 on any failure.
 
-    python benchmarks/zoo.py [--models resnet18,vgg11] [--recipes sic-m2] [--size 64]
+    python benchmarks/zoo.py [--models resnet18,vgg11] [--recipes sic-m2] [--size 64] [--optimize]
 """
 from __future__ import annotations
 
@@ -23,7 +24,20 @@ MIN_SIZE = {"inception_v3": 299, "googlenet": 64, "vit_b_16": 224, "vit_b_32": 2
 SKIP_HUGE = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
 
 
-def check(name: str, recipe: str, size: int) -> tuple[str, str]:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def optimized_error(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of ``leanconv.optimize(model)`` (autotuned at ``x``) against ``ref``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = leanconv.optimize(model, x, repeats=1, guard=False)
+    with torch.no_grad():
+        return rel_err(fast(x), ref)
+
+
+def check(name: str, recipe: str, size: int, optimize: bool = False) -> tuple[str, str]:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,7 +60,13 @@ def check(name: str, recipe: str, size: int) -> tuple[str, str]:
     unexplained = [l.name for l in plan.layers if not l.converted and not l.reason]
     if unexplained:
         return "FAIL", f"skipped without reason: {unexplained[:3]}"
-    return "ok", f"{n_conv}/{len(plan.layers)} converted, MACs x{plan.mac_ratio:.3f}"
+    note = f"{n_conv}/{len(plan.layers)} converted, MACs x{plan.mac_ratio:.3f}"
+    if optimize:
+        errs = (optimized_error(model, x, ref), optimized_error(converted, x, y))
+        note += f", optimize error {errs[0]:.1e} / {errs[1]:.1e}"
+        if not max(errs) < 1e-5:
+            return "FAIL", note
+    return "ok", note
 
 
 def main() -> int:
@@ -54,6 +74,7 @@ def main() -> int:
     ap.add_argument("--models", default="")
     ap.add_argument("--recipes", default="")
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--optimize", action="store_true", help="also check leanconv.optimize on both networks")
     a = ap.parse_args()
     models = a.models.split(",") if a.models else [
         m for m in torchvision.models.list_models(module=torchvision.models) if m not in SKIP_HUGE]
@@ -63,7 +84,7 @@ def main() -> int:
         for r in recipes:
             t = time.time()
             try:
-                status, note = check(m, r, a.size)
+                status, note = check(m, r, a.size, a.optimize)
             except Exception as e:  # the point of this script: nothing may crash
                 status, note = "CRASH", f"{type(e).__name__}: {e}".splitlines()[0]
                 traceback.print_exc(limit=3)
