@@ -20,7 +20,8 @@ import torchvision
 
 import leanconv
 
-MIN_SIZE = {"inception_v3": 299, "googlenet": 64, "vit_b_16": 224, "vit_b_32": 224}  # inception: its aux head needs 299 in train mode; ViTs take only 224
+MIN_SIZE = {"inception_v3": 299, "googlenet": 64, "vit_b_16": 224, "vit_b_32": 224, "maxvit_t": 224}
+# inception: its aux head needs 299 in train mode; ViTs take only 224; MaxViT partitions 7x7 windows of 224
 SKIP_HUGE = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
 
 
