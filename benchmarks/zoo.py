@@ -2,14 +2,17 @@
 
 For each (model, recipe): conversion, output shape, forward and backward must succeed, or every
 listed conv must be refused with a reason. With ``--optimize``, ``leanconv.optimize`` (autotuned at the
-input) must also keep the outputs of the original and of the converted network (relative error
-< 1e-5). Prints one row per pair and a summary; exits 1 on any failure.
+input) must also keep the outputs of the original and of the converted network: relative error
+< 1e-5, or, for deep networks where two float32 evaluations differ by that much anyway, no further
+from the float64 output than twice the unoptimized model's own float32 error. Prints one row per
+pair and a summary; exits 1 on any failure.
 
     python benchmarks/zoo.py [--models resnet18,vgg11] [--recipes sic-m2] [--size 64] [--optimize]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import traceback
@@ -29,13 +32,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def optimized_error(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error of ``leanconv.optimize(model)`` (autotuned at ``x``) against ``ref``."""
+def optimized_error(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
+    """Relative error of ``leanconv.optimize(model)`` (autotuned at ``x``) against ``ref`` (the
+    unoptimized float32 output), and whether it passes: < 1e-5, or no further from the float64
+    output than twice the unoptimized model's own error."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = leanconv.optimize(model, x, repeats=1, guard=False)
     with torch.no_grad():
-        return rel_err(fast(x), ref)
+        y = fast(x)
+        err = rel_err(y, ref)
+        if err < 1e-5:
+            return err, True
+        y64 = copy.deepcopy(model).double()(x.double())
+        return err, rel_err(y.double(), y64) <= 2 * rel_err(ref.double(), y64)
 
 
 def check(name: str, recipe: str, size: int, optimize: bool = False) -> tuple[str, str]:
@@ -63,9 +73,9 @@ def check(name: str, recipe: str, size: int, optimize: bool = False) -> tuple[st
         return "FAIL", f"skipped without reason: {unexplained[:3]}"
     note = f"{n_conv}/{len(plan.layers)} converted, MACs x{plan.mac_ratio:.3f}"
     if optimize:
-        errs = (optimized_error(model, x, ref), optimized_error(converted, x, y))
-        note += f", optimize error {errs[0]:.1e} / {errs[1]:.1e}"
-        if not max(errs) < 1e-5:
+        (e_orig, ok_orig), (e_conv, ok_conv) = optimized_error(model, x, ref), optimized_error(converted, x, y)
+        note += f", optimize error {e_orig:.1e} / {e_conv:.1e}"
+        if not (ok_orig and ok_conv):
             return "FAIL", note
     return "ok", note
 
