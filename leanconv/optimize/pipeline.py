@@ -46,10 +46,10 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             ``example_inputs`` and return the unoptimized one (eval mode, warned) if it is faster:
             optimize never makes a model slower than it was.
         keep_memory: on glibc, keep freed memory in the process for reuse instead of giving every
-            large tensor fresh pages (``leanconv.optimize.keep_freed_memory``; process-wide, and
-            resident memory stays at its peak). Large activations otherwise cost a page fault per
-            4 KiB on every call: ResNet-50 and VGG-16 at batch 16 spend more time there than in
-            some of their convs, and converted networks, with more intermediate tensors, most.
+            large tensor fresh pages (``keep_freed_memory`` in ``leanconv.optimize``; process-wide,
+            and resident memory stays at its peak). Large activations otherwise cost a page fault
+            per 4 KiB on every call: ResNet-50 and VGG-16 at batch 16 spend more time there than
+            in some of their convs, and converted networks, with more intermediate tensors, most.
     Returns:
         The optimized model, in eval mode.
     """
