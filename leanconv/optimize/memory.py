@@ -21,7 +21,9 @@ _applied = False
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every allocation from its heap and never shrink it (process-wide,
     idempotent): a forward pass reuses the pages the previous one freed. The process's resident
-    memory then stays at its peak. The same effect from outside the process:
+    memory then stays at its peak. It covers glibc's main arena, which serves the main thread:
+    threads of your own (a server's worker pool) allocate from arenas of their own, where large
+    tensors were measured to keep faulting. The same effect from outside the process:
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``.
 
     Returns:
