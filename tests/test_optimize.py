@@ -369,3 +369,26 @@ def test_freed_memory_is_reused_without_page_faults():
     # the first few, while the heap grows to hold them (small allocations may land in between)
     faulted = [faults_of_one_64mib_tensor() > 1000 for _ in range(12)]
     assert sum(faulted) <= 5 and not any(faulted[-4:])
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_impls_exact_and_linear_layers_are_swapped(shape, bias):
+    from leanconv.optimize.ops import LinearOp
+
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24, bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref = lin(x)
+        for impl in LinearOp.IMPLS:
+            y = LinearOp.from_linear(lin).with_impl(impl)(x)
+            assert y.shape == ref.shape
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-6, impl
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 24, bias=bias), nn.ReLU(), nn.Linear(24, 10)).eval()
+    fast = leanconv.optimize(model, torch.randn(4, 40), repeats=1, guard=False)  # tiny: the guard may keep it
+    assert all(isinstance(fast[i], LinearOp) for i in (1, 3))
+    assert fast[1].in_features == 40 and fast[1].out_features == 24
+    with torch.no_grad():
+        assert torch.allclose(fast(x.reshape(-1, 40)), model(x.reshape(-1, 40)), rtol=1e-5, atol=1e-6)
+    assert {c.name for c in leanconv.implementation_choices(fast)} == {"1", "3"}  # both timed

@@ -115,7 +115,7 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         if name not in shapes:
             continue
         param = next(iter(op.buffers()))
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = torch.channels_last if channels_last and len(shapes[name]) == 4 else torch.contiguous_format
         x = torch.randn(shapes[name], device=param.device, dtype=param.dtype).to(memory_format=fmt)
         if isinstance(op, ConvOp):
             big = _pick(_signature("big", op, x.shape), lambda: (int(_seconds(op, x) > 2e-3), ()))[0]
@@ -145,7 +145,7 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         choices.append(ImplChoice(name, shapes[name], chosen.tuned, chosen.impl_name()))
     for name in tops:  # then whole units (stacks, ops, convs) run a few images at a time, if faster
         shape = shapes.get(name)
-        if shape is None or shape[0] < 2 or not fused_path(torch.empty(0)):
+        if shape is None or len(shape) != 4 or shape[0] < 2 or not fused_path(torch.empty(0)):
             continue
         unit = model.get_submodule(name)
         cands = [unit] + [ChunkedOp(unit, c) for c in chunks if c < shape[0]]

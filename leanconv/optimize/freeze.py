@@ -6,7 +6,8 @@ from torch import nn
 from leanconv.errors import ModelError
 from leanconv.layers import ResidualStack, SICLayer, SpatialBottleneck, TopoConv2d, UnraveledConv
 from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan
-from leanconv.optimize.ops import BottleneckOp, ConvOp, InferenceOp, SplitOp, SplitSumOp, StackOp, TopoOp, bn_affine
+from leanconv.optimize.ops import (BottleneckOp, ConvOp, InferenceOp, LinearOp, SplitOp, SplitSumOp, StackOp, TopoOp,
+                                  bn_affine)
 
 FREEZABLE = (nn.Conv2d, TopoConv2d, SICLayer, UnraveledConv, SpatialBottleneck, ResidualStack)
 
@@ -45,8 +46,8 @@ def freeze(layer: nn.Module) -> InferenceOp | StackOp:
 def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
     """Exact alternatives of a frozen op (itself first), each with the op's epilogue."""
     out: list[InferenceOp] = [op]
-    if isinstance(op, ConvOp):
-        out += [op.with_impl(i) for i in ConvOp.IMPLS if i != op.impl]
+    if isinstance(op, (ConvOp, LinearOp)):
+        out += [op.with_impl(i) for i in type(op).IMPLS if i != op.impl]
     elif isinstance(op, TopoOp):
         out = [dense_op(op)]
         single = op.weight.shape[2:] == (1, 1) and op.stride == (1, 1) and op.padding == (0, 0)

@@ -12,7 +12,7 @@ from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
 from leanconv.optimize.memory import keep_freed_memory
-from leanconv.optimize.ops import MKLDNN, ConvOp, InferenceOp, StackOp, bn_affine
+from leanconv.optimize.ops import LINEAR_MKLDNN, MKLDNN, ConvOp, InferenceOp, LinearOp, StackOp, bn_affine
 
 
 def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
@@ -41,7 +41,8 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             and thread count, reuse those timings; ``from leanconv.optimize import clear_timings`` to forget).
         threads: ``torch.set_num_threads`` while timing (default: unchanged).
         prepack: turn every plain ``nn.Conv2d`` into a ``ConvOp`` too, whose weight is reordered
-            once into oneDNN's blocked layout instead of on every call (CPU float32).
+            once into oneDNN's blocked layout instead of on every call (CPU float32), and every
+            plain ``nn.Linear`` into a ``LinearOp`` (oneDNN's or aten's, whichever times faster).
         guard: with autotuning, time the result against the unoptimized model on
             ``example_inputs`` and return the unoptimized one (eval mode, warned) if it is faster:
             optimize never makes a model slower than it was.
@@ -79,6 +80,10 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             _fold_epilogue(m, name, op, e, fuse_relu)
             # a ConvOp keeps its weight packed in oneDNN's layout: kept wherever oneDNN runs
             m.set_submodule(name, op if relu or (prepack and MKLDNN) else _as_conv(conv, op))
+    if prepack and LINEAR_MKLDNN:  # plain Linear layers (classifiers): oneDNN's or aten's, timed below
+        for name, linear in list(m.named_modules()):
+            if type(linear) is nn.Linear:
+                m.set_submodule(name, LinearOp.from_linear(linear))
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     if autotune and example_inputs is not None:
