@@ -258,12 +258,13 @@ class LinearOp(InferenceOp):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: None = None) -> Tensor:
+        """``relu?(x W^T + b)``. Linear layers take no residual (the argument is the op interface's)."""
         if self.impl == "onednn" and LINEAR_MKLDNN and fused_path(x):
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu" if self.relu and residual is None
-                                                   else "none", [], "")
-            return y if residual is None else epilogue(y, residual, self.res_scale, self.relu)
-        return epilogue(F.linear(x, self.weight, self.bias), residual, self.res_scale, self.relu)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu" if self.relu else "none",
+                                                      [], "")
+        y = F.linear(x, self.weight, self.bias)
+        return F.relu(y) if self.relu else y
 
     def with_impl(self, impl: str) -> "LinearOp":
         """This op (weights shared, epilogue copied) run by another implementation."""
