@@ -14,6 +14,7 @@ from leanconv.measure.complexity import Complexity, count
 from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
 from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
+from leanconv.passes.plain import as_plain_conv
 from leanconv.plan import ConversionPlan, LayerPlan
 from leanconv.recipes import LayerSpec, Recipe, Selection, get_recipe
 
@@ -60,7 +61,7 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         if name not in specs:
             raise ConfigError(f"per-layer choice for {name!r}, which is not a selected conv of the model")
     for site in tqdm(todo, desc=f"convert ({recipe.name})", disable=not progress, leave=False):
-        conv = target.get_submodule(site.name)
+        conv = as_plain_conv(target.get_submodule(site.name))  # the kernel a Conv2d subclass really applies
         if specs[site.name] is None:
             reasons[site.name] = "kept by the per-layer choice (budget solver)"
             continue

@@ -1,6 +1,8 @@
 """Shared test settings: seeded, CPU, two threads."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +24,12 @@ def one_thread():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardization on every call (as timm's StdConv2d): ``weight`` is not the kernel applied."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -1,4 +1,5 @@
 """convert(): every family converts (or refuses with reasons), plans add up, untouched layers stay."""
+import importlib
 import math
 import warnings
 
@@ -9,9 +10,10 @@ import torchvision
 from torch import nn
 
 import leanconv
+from conftest import StdConv
 from leanconv.layers import Topology
 from leanconv.passes import LeafTracer, trace
-from leanconv.recipes import Selection, list_recipes
+from leanconv.recipes import LayerSpec, Method, Recipe, Selection, list_recipes
 
 RECIPES = [r.name for r in list_recipes()]
 
@@ -225,3 +227,58 @@ def test_data_free_start_keeps_a_bn_network_close():
     conv, _ = leanconv.convert(model, "unravel-b4", x)
     y0, y1 = model(x), conv(x)
     assert y1.shape == y0.shape and torch.isfinite(y1).all()
+
+
+class PadSameConv(nn.Conv2d):
+    """Pads its input by its size (as timm's Conv2dSame): no fixed padding reproduces it."""
+
+    def forward(self, x):
+        pad = max((-(-x.shape[-1] // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - x.shape[-1], 0)
+        x = nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_conv_subclass_is_converted_as_the_kernel_its_forward_applies():
+    torch.manual_seed(0)
+    std = StdConv(16, 16, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), std, nn.ReLU(),
+                          PadSameConv(16, 16, 3, stride=2)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    h = torch.randn(1, 16, 6, 6)
+    with torch.no_grad():  # the kernel .weight holds is not the one applied
+        assert not torch.allclose(std(h), nn.functional.conv2d(h, std.weight, std.bias, padding=1), atol=1e-3)
+    exact = Recipe("unravel-b9", "exact: 9 = 3x3 filters per input channel", LayerSpec(Method.UNRAVEL, multiplier=9))
+    converted, plan = leanconv.convert(model, exact, x)
+    by = {l.name: l for l in plan.layers}
+    assert by["2"].converted
+    assert not by["4"].converted and "PadSameConv transforms its input" in by["4"].reason
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.mean() > -1e9 else -x  # data-dependent control flow: not traceable
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gate = nn.Conv2d(3, 16, 3, padding=1), Gate()
+        self.body, self.bn = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return self.bn(self.body(self.gate(self.stem(x))))
+
+
+def test_library_registered_untraceable_modules_are_kept_whole(monkeypatch):
+    """timm registers its untraceable modules; tracing falls back to keeping those whole."""
+    trace_mod = importlib.import_module("leanconv.passes.trace")
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="cannot trace"):
+        assert not leanconv.convert(GatedNet(), "sic-m2", x)[1].traced
+    monkeypatch.setattr(trace_mod, "library_hints", lambda: ((Gate,), ()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, plan = leanconv.convert(GatedNet(), "sic-m2", x)
+    assert plan.traced and [l.name for l in plan.converted] == ["body"]

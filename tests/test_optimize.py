@@ -1,5 +1,6 @@
 """optimize(): outputs unchanged (folding, fusion, implementation choice); topological implementations exact."""
 import copy
+import importlib
 import platform
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leanconv
+from conftest import StdConv
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.errors import ConfigError
 from leanconv.layers import SICStack, SpatialBottleneck, TopoConv2d, Topology
@@ -234,6 +236,29 @@ def test_untraceable_model_keeps_its_norms_and_warns():
         assert rel_err(opt(x), model(x)) < 1e-6
 
 
+
+class WithConv3d(nn.Module):
+    """A 2-D network with a Conv3d inside (as timm's lambda layers): 5-D weights stay as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pos = nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y + self.pos(y.unsqueeze(1)).mean(1)
+
+
+def test_model_with_5d_weights_is_optimized():
+    model = randomize_norms(WithConv3d())
+    x = torch.randn(2, 4, 6, 6)
+    opt = leanconv.optimize(model, x, repeats=1, guard=False)
+    assert isinstance(opt.bn, nn.Identity) and opt.pos.weight.dim() == 5
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-5
+
+
 # --------------------------------------------------------------------------- conv implementations, guard
 
 @pytest.mark.parametrize("groups,k,stride", [(1, 3, 1), (16, 3, 2), (1, 1, 1)])
@@ -259,8 +284,6 @@ def test_conv_impls_exact_with_epilogue_and_packed_weight(groups, k, stride):
 
 
 def test_guard_returns_the_unoptimized_model_when_it_is_faster(monkeypatch):
-    import importlib
-
     pipeline = importlib.import_module("leanconv.optimize.pipeline")  # leanconv.optimize is the function
     model = small_model()
     x = torch.randn(2, 1, 28, 28)
@@ -326,8 +349,6 @@ def test_unraveled_layer_split_into_multiplier_one_convs_is_exact():
 
 def test_equal_ops_are_timed_once(monkeypatch):
     """Repeated blocks of the same shape reuse the first one's timing and choice."""
-    import importlib
-
     autotune = importlib.import_module("leanconv.optimize.autotune")  # (leanconv.optimize is also a function)
     calls = []
     real = autotune.time_interleaved
@@ -392,3 +413,31 @@ def test_linear_impls_exact_and_linear_layers_are_swapped(shape, bias):
     with torch.no_grad():
         assert torch.allclose(fast(x.reshape(-1, 40)), model(x.reshape(-1, 40)), rtol=1e-5, atol=1e-6)
     assert {c.name for c in leanconv.implementation_choices(fast)} == {"1", "3"}  # both timed
+
+
+class NormAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that also applies an activation (as timm's BatchNormAct2d, which timm
+    registers as a module fx must not trace into)."""
+
+    def forward(self, x):
+        return nn.functional.silu(super().forward(x))  # not traceable: registered as a leaf below
+
+
+def test_norm_subclass_with_its_own_forward_is_not_folded(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("leanconv.passes.trace"), "library_hints", lambda: ((NormAct,), ()))
+    model = randomize_norms(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), NormAct(8), nn.Conv2d(8, 8, 3, padding=1),
+                                          nn.BatchNorm2d(8)))
+    x = torch.randn(2, 4, 6, 6)
+    opt = leanconv.optimize(model, x, repeats=1, guard=False)
+    assert isinstance(opt[1], NormAct) and isinstance(opt[3], nn.Identity)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-5
+
+
+def test_conv_subclass_is_optimized_as_the_conv_it_computes():
+    model = randomize_norms(nn.Sequential(StdConv(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    x = torch.randn(2, 4, 6, 6)
+    opt = leanconv.optimize(model, x, repeats=1, guard=False)
+    assert isinstance(opt[1], nn.Identity) and not isinstance(opt[0], StdConv)
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < 1e-5

@@ -28,6 +28,7 @@ from leanconv.layers.stack import ResidualStack, resize_kernel
 from leanconv.layers.topology import TopoConv2d
 from leanconv.layers.unravel import UnraveledConv
 from leanconv.passes.analyze import relu_shift
+from leanconv.passes.plain import as_plain_conv
 
 FITTABLE = (UnraveledConv, SICLayer, SpatialBottleneck)
 
@@ -206,7 +207,7 @@ def datafree_assign(step: Step, conv: nn.Conv2d) -> Assignment | None:
     if step.index != 0:
         return None  # later steps start as zero projections: nothing to keep
     layer = step.layer
-    target = conv.weight.detach()
+    target = as_plain_conv(conv).weight.detach()  # a Conv2d subclass: the kernel it applies
     if step.residual:
         target = target - LF.centre_identity(target.shape[0], target.shape[-2:], target.dtype).to(target)
     if isinstance(layer, TopoConv2d):

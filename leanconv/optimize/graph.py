@@ -53,6 +53,8 @@ def epilogues(model: nn.Module, producers: tuple[type, ...]) -> list[Epilogue]:
         if bn is not None and not _foldable(modules[bn.target]):
             bn = None
         relu = sole_user(bn if bn is not None else node, nn.ReLU)
+        if relu is not None and type(modules[relu.target]).forward is not nn.ReLU.forward:
+            relu = None  # a ReLU subclass computing something else
         if bn is not None or relu is not None:
             found.append(Epilogue(node.target, bn.target if bn is not None else None,
                                   relu.target if relu is not None else None))
@@ -60,7 +62,10 @@ def epilogues(model: nn.Module, producers: tuple[type, ...]) -> list[Epilogue]:
 
 
 def _foldable(bn: nn.BatchNorm2d) -> bool:
-    return bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
+    """A plain BatchNorm2d with running statistics (subclasses with a forward of their own, such
+    as timm's BatchNormAct2d, also apply an activation: not foldable)."""
+    plain = type(bn).forward is nn.BatchNorm2d.forward
+    return plain and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
 
 
 def try_epilogues(model: nn.Module, producers: tuple[type, ...]) -> tuple[list[Epilogue], str | None]:

@@ -7,12 +7,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from leanconv.errors import ConfigError
 from leanconv.layers.registry import LEANCONV_LAYERS
 from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
 from leanconv.optimize.memory import keep_freed_memory
 from leanconv.optimize.ops import LINEAR_MKLDNN, MKLDNN, ConvOp, InferenceOp, LinearOp, StackOp, bn_affine
+from leanconv.passes.plain import as_plain_conv
 
 
 def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, inplace: bool = False,
@@ -71,7 +73,11 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
         _fold_epilogue(m, name, op, follow.get(name), fuse_relu)
         m.set_submodule(name, op)
     for name, conv in list(m.named_modules()):
-        if type(conv) is not nn.Conv2d:
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        try:  # a Conv2d subclass with its own forward (weight standardization, ...): the conv it computes
+            conv = as_plain_conv(conv)
+        except ConfigError:
             continue
         e = follow.get(name)
         relu = e is not None and fuse_relu and e.relu is not None
@@ -85,7 +91,8 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
             if type(linear) is nn.Linear:
                 m.set_submodule(name, LinearOp.from_linear(linear))
     if channels_last:
-        m = m.to(memory_format=torch.channels_last)
+        # 4-D tensors only: Module.to(memory_format=...) refuses models with 5-D weights (Conv3d)
+        m = m._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     if autotune and example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         if channels_last:

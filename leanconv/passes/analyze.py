@@ -7,8 +7,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from leanconv.errors import ModelError
+from leanconv.errors import ConfigError, ModelError
 from leanconv.layers.geometry import ConvGeometry
+from leanconv.passes.plain import as_plain_conv
 from leanconv.passes.trace import trace
 
 
@@ -24,6 +25,7 @@ class ConvSite:
     order: int | None                   # position among convs in execution order
     norm: str | None = None             # BatchNorm2d module that alone consumes its output (fx)
     weight_read_elsewhere: bool = False  # its weight / bias is read outside the conv (fx)
+    refusal: str | None = None          # a Conv2d subclass whose forward is no plain conv: why
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ def analyze(model: nn.Module, example_inputs: Tensor | tuple) -> ModelFacts:
 
     sites = []
     for name, conv in convs.items():
+        refusal = None
+        try:  # a Conv2d subclass with its own forward counts as the plain conv it computes
+            conv = as_plain_conv(conv)
+        except ConfigError as e:
+            refusal = str(e)
         try:
             geom = ConvGeometry.of(conv)
         except Exception:
@@ -94,7 +101,7 @@ def analyze(model: nn.Module, example_inputs: Tensor | tuple) -> ModelFacts:
         s = shapes.get(name)
         sites.append(ConvSite(name, geom, s[0] if s else None, s[1] if s else None, s[2] if s else 0,
                               order.index(name) if name in order else None, norms.get(name),
-                              name in read_elsewhere))
+                              name in read_elsewhere, refusal))
     return ModelFacts(tuple(sites), traced, trace_error, stats)
 
 

@@ -27,6 +27,8 @@ def is_listed(site: ConvSite) -> bool:
 def skip_reason(site: ConvSite, sel: Selection, first: str | None) -> str | None:
     """Why ``site`` is not converted under ``sel``, or None if it is a candidate."""
     g = site.geometry
+    if site.refusal:
+        return site.refusal
     if g is None:
         return "its padding cannot be expressed as explicit sizes (asymmetric 'same')"
     if g.groups != 1:
