@@ -68,6 +68,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         try:
             new = specs[site.name].build(conv, _shift(facts, site, target))
             _check_shape(new, site)
+            if sel.only_cheaper and site.name not in (layers or {}):  # a per-layer choice is taken as asked
+                _check_cheaper(new, conv, site)
         except ConfigError as e:
             reasons[site.name] = str(e)
             continue
@@ -112,6 +114,24 @@ def _check_shape(new: nn.Module, site: ConvSite) -> None:
     if tuple(out.shape[1:]) != site.output_shape:
         raise ModelError(f"replacement of {site.name} gives shape {tuple(out.shape[1:])}, "
                          f"the conv gives {site.output_shape}; this is a leanconv bug")
+
+
+def _check_cheaper(new: nn.Module, conv: nn.Conv2d, site: ConvSite) -> None:
+    """Refuse a replacement that costs at least as many MACs as the conv (e.g. a topological
+    stack on a conv that widens 512 -> 4096 channels: its second layer is 4096 wide)."""
+    if site.input_shape is None:
+        return
+    p = next(new.parameters())
+    x = torch.zeros((1,) + site.input_shape, dtype=p.dtype, device=p.device)
+    was = new.training
+    new.eval()
+    try:
+        before, after = count(conv, x).macs, count(new, x).macs
+    finally:
+        new.train(was)
+    if after >= before:
+        raise ConfigError(f"its replacement would cost {after / 1e6:.1f}M MACs, not fewer than the conv's "
+                          f"{before / 1e6:.1f}M ({site.input_shape[0]}->{site.output_shape[0]} channels; select.only_cheaper)")
 
 
 def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,

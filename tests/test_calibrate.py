@@ -17,7 +17,7 @@ from leanconv.calibrate.assign import choose_assignment, linear_assignment
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
 from leanconv.layers import SICLayer, Topology, UnraveledConv
 from leanconv.layers.projection import projection_matrix
-from leanconv.recipes import LayerSpec, Method, Recipe
+from leanconv.recipes import LayerSpec, Method, Recipe, Selection
 
 RECIPES = ("unravel-b4", "sic-m2", "sic-topo2d", "sic-bottleneck")
 
@@ -90,7 +90,7 @@ def perturb_projections(model: nn.Module, seed: int = 2) -> None:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_exact_unravel_b9_recovers_perturbed_projections(schedule):
     model = tiny_model()
-    recipe = Recipe("unravel-b9", "", LayerSpec(Method.UNRAVEL, multiplier=9))
+    recipe = Recipe("unravel-b9", "", LayerSpec(Method.UNRAVEL, multiplier=9), Selection(only_cheaper=False))
     converted, _ = leanconv.convert(model, recipe, torch.randn(1, 3, 12, 12))
     perturb_projections(converted)
     report = leanconv.calibrate(model, converted, images(160), exact(schedule), progress=False)

@@ -13,7 +13,7 @@ import leanconv
 from conftest import StdConv
 from leanconv.layers import Topology
 from leanconv.passes import LeafTracer, trace
-from leanconv.recipes import LayerSpec, Method, Recipe, Selection, list_recipes
+from leanconv.recipes import LayerSpec, Method, Selection, list_recipes
 
 RECIPES = [r.name for r in list_recipes()]
 
@@ -220,6 +220,21 @@ def test_replacement_that_cannot_represent_a_layer_is_skipped_with_its_reason():
     assert "groups do not divide" in plan.layers[1].reason
 
 
+
+def test_replacement_costing_more_than_the_conv_is_refused():
+    """A topological stack on a conv that widens 16 -> 256 channels: its second layer is 256 wide."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 256, 3, padding=1), nn.Conv2d(256, 256, 3))
+    _, plan = leanconv.convert(model, "topo2d", torch.randn(1, 3, 8, 8))
+    by = {l.name: l for l in plan.layers}
+    assert not by["1"].converted and "not fewer than the conv's" in by["1"].reason
+    assert by["2"].converted and by["2"].macs_after < by["2"].macs_before
+    exact = LayerSpec(Method.UNRAVEL, multiplier=9)  # costs more than the conv, but asked for by name
+    _, plan = leanconv.convert(model, "topo2d", torch.randn(1, 3, 8, 8), layers={"1": exact})
+    assert plan.layers[1].converted and plan.layers[1].macs_after > plan.layers[1].macs_before
+    _, plan = leanconv.convert(model, "topo2d", torch.randn(1, 3, 8, 8), select=Selection(only_cheaper=False))
+    assert plan.layers[1].converted
+
+
 def test_data_free_start_keeps_a_bn_network_close():
     """SIC stacks start linear (BN-derived shift): the unravel-like start is a fair approximation."""
     model = tv("resnet18")
@@ -247,8 +262,8 @@ def test_conv_subclass_is_converted_as_the_kernel_its_forward_applies():
     h = torch.randn(1, 16, 6, 6)
     with torch.no_grad():  # the kernel .weight holds is not the one applied
         assert not torch.allclose(std(h), nn.functional.conv2d(h, std.weight, std.bias, padding=1), atol=1e-3)
-    exact = Recipe("unravel-b9", "exact: 9 = 3x3 filters per input channel", LayerSpec(Method.UNRAVEL, multiplier=9))
-    converted, plan = leanconv.convert(model, exact, x)
+    exact = LayerSpec(Method.UNRAVEL, multiplier=9)  # 9 filters per input channel: any 3x3 kernel, exactly
+    converted, plan = leanconv.convert(model, "unravel-b4", x, layers={"2": exact})
     by = {l.name: l for l in plan.layers}
     assert by["2"].converted
     assert not by["4"].converted and "PadSameConv transforms its input" in by["4"].reason

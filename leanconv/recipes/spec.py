@@ -125,6 +125,7 @@ class Selection:
     min_channels: int = 16            # skip convs with fewer input or output channels
     skip_first: bool = True           # keep the network's first conv (it sees the image)
     convert_strided: bool = True      # convert convs with stride > 1
+    only_cheaper: bool = True         # keep a conv whose replacement would not cost fewer MACs
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
