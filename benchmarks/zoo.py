@@ -77,7 +77,8 @@ def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def close(y: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, x: torch.Tensor, tol: float) -> tuple[float, bool]:
+def close(y: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, x: torch.Tensor,
+          tol: float) -> tuple[float, bool]:
     """(relative error of ``y`` against ``ref`` = ``model(x)`` in float32, whether it passes: < tol, or
     no further from the float64 output than twice plain PyTorch's own float32 error, the worse of
     the model run as it is and in channels_last (whose oneDNN convs round differently: on
@@ -87,7 +88,8 @@ def close(y: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, x: torch.T
         return err, True
     with torch.no_grad():
         y64 = copy.deepcopy(model).double()(x.double())
-        cl = copy.deepcopy(model)._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+        cl = copy.deepcopy(model)._apply(
+            lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
         y_cl = cl(x.contiguous(memory_format=torch.channels_last))
     floor = max(rel_err(ref.double(), y64), rel_err(y_cl.double(), y64))
     return err, rel_err(y.double(), y64) <= 2 * floor

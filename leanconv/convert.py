@@ -131,7 +131,8 @@ def _check_cheaper(new: nn.Module, conv: nn.Conv2d, site: ConvSite) -> None:
         new.train(was)
     if after >= before:
         raise ConfigError(f"its replacement would cost {after / 1e6:.1f}M MACs, not fewer than the conv's "
-                          f"{before / 1e6:.1f}M ({site.input_shape[0]}->{site.output_shape[0]} channels; select.only_cheaper)")
+                          f"{before / 1e6:.1f}M ({site.input_shape[0]}->{site.output_shape[0]} channels; "
+                          f"select.only_cheaper)")
 
 
 def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,

@@ -45,12 +45,18 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
         graph = LeafTracer().trace(model)
     except Exception as e:  # fx raises many kinds; all mean "not traceable"
-        leaves, autowrap = library_hints()
-        try:
-            if not (leaves or autowrap):
-                raise e
-            graph = LeafTracer(leaves, autowrap).trace(model)
-        except Exception:
+        graph = _trace_with(model, *library_hints())
+        if graph is None:
             raise ModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return torch.fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _trace_with(model: nn.Module, leaves: tuple[type, ...], autowrap: tuple) -> torch.fx.Graph | None:
+    """The graph with ``leaves`` kept whole, or None (no hints, or still not traceable)."""
+    if not (leaves or autowrap):
+        return None
+    try:
+        return LeafTracer(leaves, autowrap).trace(model)
+    except Exception:
+        return None
