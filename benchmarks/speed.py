@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -158,6 +159,9 @@ def main() -> int:
     ap.add_argument("--layers", action="store_true", help="per-layer breakdown instead of the summary table")
     ap.add_argument("--quick", action="store_true", help="resnet18 at 128, sic-m2 and unravel-b4, few repeats")
     ap.add_argument("--json", help="append result rows to this JSON-lines file")
+    ap.add_argument("--min-speedup", type=float, default=0.0, metavar="X",
+                    help="convert with select.min_speedup = X (each layer timed against its conv at the batch "
+                         "size; slower replacements kept); the recipe column shows '@X'")
     a = ap.parse_args()
     if a.quick:
         a.models, a.size, a.recipes = "resnet18", 128, a.recipes or "sic-m2,unravel-b4"
@@ -187,15 +191,18 @@ def main() -> int:
                 t = time.time()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    conv_raw, plan = leanconv.convert(base, recipe, x1)
+                    sel = dataclasses.replace(leanconv.get_recipe(recipe).select, min_speedup=a.min_speedup,
+                                              speed_batch=batch)
+                    conv_raw, plan = leanconv.convert(base, recipe, x1, select=sel)
+                label = f"{recipe}@{a.min_speedup:g}" if a.min_speedup else recipe
                 conv = leanconv.optimize(conv_raw, x, repeats=a.tune_repeats)
-                log(f"{name} b{batch} {recipe}: converted + optimized in {time.time() - t:.0f}s")
+                log(f"{name} b{batch} {label}: {len(plan.converted)}/{len(plan.layers)} layers converted, optimized in {time.time() - t:.0f}s")
                 theory = plan.macs_before / plan.macs_after
                 xc = x.to(memory_format=torch.channels_last)
                 err, err_raw = fidelity(conv, conv_raw, x[:1])
                 if a.layers:
                     rows = layer_breakdown(orig, conv, plan, xc, reps)
-                    print(f"\n{name}, batch {batch}, {recipe} ({a.threads} threads)\n")
+                    print(f"\n{name}, batch {batch}, {label} ({a.threads} threads)\n")
                     print("| layer | input (C,H,W) | orig ms | conv ms | speedup | theoretical | realized | implementation |")
                     print("|---|---|---|---|---|---|---|---|")
                     for r in rows:
@@ -210,7 +217,8 @@ def main() -> int:
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
                 comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1) if a.compile else None
                 gpu = cuda_speedup(orig, conv, x, reps) if a.cuda and torch.cuda.is_available() else None
-                row = {"model": name, "batch": batch, "recipe": recipe, "mac_ratio": plan.mac_ratio,
+                row = {"model": name, "batch": batch, "recipe": recipe, "min_speedup": a.min_speedup,
+                       "converted_layers": len(plan.converted), "mac_ratio": plan.mac_ratio,
                        "theoretical": theory, "eager_orig_ms": tm["orig"].median * 1e3,
                        "eager_conv_ms": tm["conv"].median * 1e3, "eager_speedup": eager,
                        "eager_min_speedup": tm["orig"].min / tm["conv"].min, "realized": eager / theory,
@@ -221,7 +229,7 @@ def main() -> int:
                        "threads": a.threads, "size": a.size,
                        "choices": [c.to_dict() for c in leanconv.implementation_choices(conv)]}
                 f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
-                print(f"| {name} | {batch} | {recipe} | {plan.mac_ratio:.3f} | {theory:.2f} | {f(row['eager_orig_ms'], 1)} | "
+                print(f"| {name} | {batch} | {label} | {plan.mac_ratio:.3f} | {theory:.2f} | {f(row['eager_orig_ms'], 1)} | "
                       f"{f(row['eager_conv_ms'], 1)} | {eager:.2f} | {eager / theory:.2f} | {f(ort_sp)} | "
                       f"{f(row['ort_realized'])} |" + (f" {f(row['compile_speedup'])} |" if a.compile else "")
                       + (f" {f(gpu)} |" if a.cuda else "")

@@ -49,6 +49,11 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-channels", type=int, default=None, help="skip convs with fewer channels")
     g.add_argument("--convert-first", action="store_true", help="also convert the network's first conv")
     g.add_argument("--skip-strided", action="store_true", help="keep convs with stride > 1")
+    g.add_argument("--min-speedup", type=float, default=None, metavar="X",
+                   help="time each replacement against its conv on this machine (both optimized) and keep "
+                        "the conv unless the replacement is at least X times faster, e.g. 1.1")
+    g.add_argument("--speed-batch", type=int, default=None, metavar="B",
+                   help="batch size of those timings (default: the example's, 1)")
 
 
 def parse_kv(items: list[str]) -> dict:
@@ -92,6 +97,10 @@ def selection(args, recipe):
         changes["skip_first"] = False
     if args.skip_strided:
         changes["convert_strided"] = False
+    if args.min_speedup is not None:
+        changes["min_speedup"] = args.min_speedup
+    if args.speed_batch is not None:
+        changes["speed_batch"] = args.speed_batch
     return dataclasses.replace(sel, **changes)
 
 

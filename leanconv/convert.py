@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from leanconv.errors import ConfigError, ModelError
 from leanconv.layers.registry import layer_config
 from leanconv.measure.complexity import Complexity, count
+from leanconv.measure.latency import LayerSpeed, layer_speed
 from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
 from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
@@ -54,6 +55,9 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
     target = model if inplace else copy.deepcopy(model)
 
     replacements: dict[str, nn.Module] = {}
+    speeds: dict[str, LayerSpeed] = {}
+    batch = next((a.shape[0] for a in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+                  if isinstance(a, Tensor) and a.dim() > 0), 1)
     reasons: dict[str, str] = {c.site.name: c.reason for c in candidates if c.reason}
     todo = [c.site for c in candidates if c.selected]
     specs = {s.name: (layers or {}).get(s.name, recipe.layer) for s in todo}
@@ -68,8 +72,12 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         try:
             new = specs[site.name].build(conv, _shift(facts, site, target))
             _check_shape(new, site)
-            if sel.only_cheaper and site.name not in (layers or {}):  # a per-layer choice is taken as asked
+            asked = site.name in (layers or {})  # a per-layer choice is taken as asked
+            if sel.only_cheaper and not asked:
                 _check_cheaper(new, conv, site)
+            if sel.min_speedup and not asked and site.input_shape is not None:
+                speeds[site.name] = layer_speed(conv, new, site.input_shape, sel.speed_batch or batch)
+                _check_faster(speeds[site.name], sel.min_speedup)
         except ConfigError as e:
             reasons[site.name] = str(e)
             continue
@@ -84,7 +92,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                          f"pattern (--exclude NAME)") from e
 
     rows = tuple(_layer_plan(c.site, specs.get(c.site.name) or recipe.layer, before, after,
-                             replacements.get(c.site.name), reasons.get(c.site.name)) for c in candidates)
+                             replacements.get(c.site.name), reasons.get(c.site.name), speeds.get(c.site.name))
+                 for c in candidates)
     shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
     source = source or infer_source(model)
     plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, rows,
@@ -135,8 +144,15 @@ def _check_cheaper(new: nn.Module, conv: nn.Conv2d, site: ConvSite) -> None:
                           f"select.only_cheaper)")
 
 
+def _check_faster(speed: LayerSpeed, min_speedup: float) -> None:
+    if speed.speedup < min_speedup:
+        raise ConfigError(f"its replacement measured {speed.speedup:.2f}x the conv's speed ({speed.new_ms:.2f} vs "
+                          f"{speed.conv_ms:.2f} ms at batch {speed.batch}, {speed.threads} threads, {speed.device}), "
+                          f"under select.min_speedup = {min_speedup:g}")
+
+
 def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,
-                new: nn.Module | None, reason: str | None) -> LayerPlan:
+                new: nn.Module | None, reason: str | None, speed: LayerSpeed | None) -> LayerPlan:
     g = site.geometry
     macs_b = before.macs_under(site.name)
     params_b = next((l.params for l in before.layers if l.name == site.name), 0)
@@ -152,4 +168,5 @@ def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Comp
         output_shape=list(site.output_shape) if site.output_shape else None,
         macs_before=macs_b, macs_after=macs_a, params_before=params_b, params_after=params_a,
         converted=new is not None, reason=None if new is not None else reason,
-        replacement=layer_config(new) if new is not None else None)
+        replacement=layer_config(new) if new is not None else None,
+        speed=speed.to_dict() if speed is not None else None)

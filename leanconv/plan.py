@@ -24,6 +24,7 @@ class LayerPlan:
     converted: bool
     reason: str | None                 # why it was not converted
     replacement: dict | None = None    # layer config that rebuilds the replacement (see layers.registry)
+    speed: dict | None = None          # measured against the conv (select.min_speedup; LayerSpeed.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +86,7 @@ class ConversionPlan:
         for l in self.layers:
             ratio = f"{l.macs_after / l.macs_before:.3f}" if l.macs_before else "-"
             rows.append((l.name, l.method, f"{l.in_channels}->{l.out_channels}", "x".join(map(str, l.stride)),
-                         human(l.macs_before), human(l.macs_after), ratio, "" if l.converted else (l.reason or "")))
+                         human(l.macs_before), human(l.macs_after), ratio, _note(l)))
         widths = [max(len(r[i]) for r in rows) for i in range(7)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:7], widths)) + ("  " + r[7] if r[7] else "")
                  for r in rows]
@@ -103,6 +104,14 @@ class ConversionPlan:
         lines.append(f"params {human(self.params_before)} -> {human(self.params_after)}  "
                      f"(x{self.params_after / max(self.params_before, 1):.3f})")
         return "\n".join(lines)
+
+
+def _note(l: LayerPlan) -> str:
+    if not l.converted:
+        return l.reason or ""
+    if l.speed:
+        return f"measured {l.speed['speedup']:.2f}x the conv's speed (batch {l.speed['batch']})"
+    return ""
 
 
 def human(n: float) -> str:

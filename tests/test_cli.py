@@ -24,6 +24,16 @@ def test_convert_writes_plan_and_model(tmp_path, capsys):
     assert leanconv.load(out).fc.out_features == 10
 
 
+def test_convert_min_speedup_times_the_layers_it_converts(tmp_path, capsys):
+    out = tmp_path / "r18"
+    assert main(["convert", "--model", "torchvision:resnet18", "--recipe", "sic-m2", "--input-size", "32",
+                 "--include", "layer1.0.conv1", "--min-speedup", "0.001", "--speed-batch", "2", "--out", str(out)]) == 0
+    assert "measured" in capsys.readouterr().out
+    by = {l["name"]: l for l in json.loads((out / "plan.json").read_text())["layers"]}
+    assert by["layer1.0.conv1"]["converted"] and by["layer1.0.conv1"]["speed"]["batch"] == 2
+    assert by["layer1.0.conv2"]["speed"] is None  # not selected: not timed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "torchvision:resnet81"], "no model 'resnet81'"),
     (["--model", "torchvision:resnet18", "--recipe", "sicm2"], "unknown recipe"),

@@ -235,6 +235,59 @@ def test_replacement_costing_more_than_the_conv_is_refused():
     assert plan.layers[1].converted
 
 
+def test_min_speedup_keeps_convs_whose_replacement_is_not_measured_faster(monkeypatch):
+    """The selection rule, with the timings set: below the threshold the conv is kept with the
+    measurement as its reason; at or above it the layer converts and the plan records the timing."""
+    from leanconv.measure.latency import LayerSpeed
+
+    convert_module = importlib.import_module("leanconv.convert")  # the module; leanconv.convert is the function
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.Conv2d(32, 32, 3, padding=1))
+    timed = []
+
+    def fake(conv, new, shape, batch):
+        timed.append((tuple(shape), batch))
+        return LayerSpeed(conv_ms=2.0, new_ms=4.0 if conv.in_channels == 16 else 1.0, batch=batch, threads=1,
+                          device="cpu")
+
+    monkeypatch.setattr(convert_module, "layer_speed", fake)
+    x = torch.randn(2, 3, 8, 8)
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(min_speedup=1.5))
+    by = {l.name: l for l in plan.layers}
+    assert timed == [((16, 8, 8), 2), ((32, 8, 8), 2)]
+    assert not by["1"].converted and "0.50x the conv's speed" in by["1"].reason and "min_speedup" in by["1"].reason
+    assert by["2"].converted and by["2"].speed["speedup"] == 2.0 and by["2"].speed["batch"] == 2
+    assert "measured 2.00x" in plan.table()
+    assert leanconv.ConversionPlan.from_dict(plan.to_dict()).layers[2].speed == by["2"].speed
+    timed.clear()
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(min_speedup=1.5, speed_batch=8),
+                               layers={"1": LayerSpec(Method.SIC, depth=2)})  # named: taken as asked, not timed
+    assert timed == [((32, 8, 8), 8)] and plan.layers[1].converted and plan.layers[1].speed is None
+    timed.clear()
+    _, plan = leanconv.convert(model, "sic-m2", x)  # off by default: nothing timed
+    assert timed == [] and all(l.speed is None for l in plan.layers)
+
+
+def test_min_speedup_times_real_layers():
+    """Real timings: every replacement is slower than 99x its conv's speed, and every one is
+    faster than 0.001x; the recorded times are positive and at the asked batch."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(min_speedup=99))
+    assert not plan.layers[1].converted and "min_speedup = 99" in plan.layers[1].reason
+    _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(min_speedup=0.001, speed_batch=2))
+    s = plan.layers[1].speed
+    assert plan.layers[1].converted and s["conv_ms"] > 0 and s["new_ms"] > 0 and s["batch"] == 2
+
+
+@pytest.mark.parametrize("bad", [{"min_speedup": -1}, {"min_speedup": "fast"}, {"min_speedup": True},
+                                 {"speed_batch": -2}, {"speed_batch": 1.5}])
+def test_bad_speed_selection_is_refused(bad):
+    with pytest.raises(leanconv.ConfigError, match="select\\."):
+        Selection.from_dict(bad)
+
+
 def test_data_free_start_keeps_a_bn_network_close():
     """SIC stacks start linear (BN-derived shift): the unravel-like start is a fair approximation."""
     model = tv("resnet18")

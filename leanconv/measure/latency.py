@@ -107,3 +107,49 @@ def onnxruntime_latency_ms(models: dict[str, nn.Module], input_shape: tuple[int,
         warnings.warn(f"onnxruntime latency skipped: {type(e).__name__}: {first}", stacklevel=3)
         return {}
     return {n: {b: timed[b][n].median_ms for b in batches} for n in models}
+
+
+@dataclass(frozen=True)
+class LayerSpeed:
+    """One conv and its replacement, each prepared by ``leanconv.optimize`` and timed interleaved."""
+
+    conv_ms: float
+    new_ms: float
+    batch: int
+    threads: int
+    device: str
+
+    @property
+    def speedup(self) -> float:
+        return self.conv_ms / self.new_ms
+
+    def to_dict(self) -> dict:
+        return {"conv_ms": round(self.conv_ms, 4), "new_ms": round(self.new_ms, 4), "batch": self.batch,
+                "threads": self.threads, "device": self.device, "speedup": round(self.speedup, 4)}
+
+
+def layer_speed(conv: nn.Module, replacement: nn.Module, input_shape: tuple[int, ...], batch: int, *,
+                repeats: int = 7, tune_repeats: int = 3, budget_s: float = 5.0) -> LayerSpeed:
+    """Median latency of ``conv`` and of ``replacement`` on one random batch of ``input_shape``
+    (``(C, H, W)``) at ``batch``, on the device of their weights, with torch's current thread count.
+
+    Both are prepared as inference would run them: ``leanconv.optimize`` (folded norms, packed
+    weights, channels_last, each op's fastest implementation timed at this shape), then timed
+    round-robin (``time_interleaved``). The modules themselves are not modified.
+    """
+    import copy
+
+    from leanconv.optimize import optimize
+
+    p = next(conv.parameters())
+    x = torch.randn((batch,) + tuple(input_shape), dtype=p.dtype, device=p.device)
+    ready = {}
+    for name, m in (("conv", conv), ("new", replacement)):
+        wrapped = nn.Sequential(copy.deepcopy(m))  # optimize swaps modules by name: the root cannot be one
+        ready[name] = optimize(wrapped, x, repeats=tune_repeats, guard=False)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        samples = time_interleaved({n: (lambda m=m: m(xc)) for n, m in ready.items()}, repeats, 2,
+                                   p.device if p.device.type == "cuda" else None, budget_s)
+    return LayerSpeed(samples["conv"].median * 1e3, samples["new"].median * 1e3, batch,
+                      torch.get_num_threads(), str(p.device))

@@ -126,6 +126,10 @@ class Selection:
     skip_first: bool = True           # keep the network's first conv (it sees the image)
     convert_strided: bool = True      # convert convs with stride > 1
     only_cheaper: bool = True         # keep a conv whose replacement would not cost fewer MACs
+    # keep a conv whose replacement is not measured at least this many times faster than it (both
+    # prepared by leanconv.optimize, timed here on the model's device; 0: not measured)
+    min_speedup: float = 0.0
+    speed_batch: int = 0              # batch size those timings use (0: the example inputs')
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
@@ -137,6 +141,13 @@ class Selection:
             object.__setattr__(self, name, tuple(v))
         if not isinstance(self.min_channels, int) or self.min_channels < 0:
             raise ConfigError(f"select.min_channels: must be an integer >= 0, got {self.min_channels!r}")
+        if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, (int, float)) \
+                or not 0 <= self.min_speedup < 100:
+            raise ConfigError(f"select.min_speedup: must be a number >= 0 (e.g. 1.0: only replacements measured "
+                              f"faster than the conv; 0: not measured), got {self.min_speedup!r}")
+        if isinstance(self.speed_batch, bool) or not isinstance(self.speed_batch, int) or self.speed_batch < 0:
+            raise ConfigError(f"select.speed_batch: must be an integer >= 0 (0: the example inputs' batch), "
+                              f"got {self.speed_batch!r}")
 
     def to_dict(self) -> dict:
         return {k: _plain(v) for k, v in asdict(self).items()}
