@@ -97,7 +97,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
     shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
     source = source or infer_source(model)
     plan = ConversionPlan(recipe.name, shape, before.macs, after.macs, before.params, after.params, rows,
-                          facts.traced, note, recipe.to_dict(), source.to_dict() if source else None)
+                          facts.traced, note, dict(recipe.to_dict(), select=sel.to_dict()),  # the selection used
+                          source.to_dict() if source else None)
     return target, plan
 
 

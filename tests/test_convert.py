@@ -259,6 +259,7 @@ def test_min_speedup_keeps_convs_whose_replacement_is_not_measured_faster(monkey
     assert not by["1"].converted and "0.50x the conv's speed" in by["1"].reason and "min_speedup" in by["1"].reason
     assert by["2"].converted and by["2"].speed["speedup"] == 2.0 and by["2"].speed["batch"] == 2
     assert "measured 2.00x" in plan.table()
+    assert plan.recipe_config["select"]["min_speedup"] == 1.5  # the selection used, not the recipe's
     assert leanconv.ConversionPlan.from_dict(plan.to_dict()).layers[2].speed == by["2"].speed
     timed.clear()
     _, plan = leanconv.convert(model, "sic-m2", x, select=Selection(min_speedup=1.5, speed_batch=8),
