@@ -165,15 +165,15 @@ def test_shared_relu_is_not_removed():
                and type(b).__name__ == "BasicBlock")
 
 
-@pytest.mark.parametrize("size", [7, 8, 9])
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 9), (7, 10), (8, 9)])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_bottleneck_without_pad_copies_is_exact(size, offset):
     layer = SpatialBottleneck(16, 16, 2, offset)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()
-    x = torch.randn(2, 16, size, size)
-    res = torch.randn(2, 16, size, size)
+    x = torch.randn(2, 16, *size)
+    res = torch.randn(2, 16, *size)
     with torch.no_grad():
         ref = layer(x)
         for alt in alternatives(freeze(layer)):  # oneDNN deconv, and a broadcast multiply-add

@@ -549,7 +549,10 @@ class BottleneckOp(InferenceOp):
         if not direct:  # offset 0 with a size not divisible by k: the trailing pad is one-sided
             x = F.pad(x, (0, LF.bottleneck_padding(w, k, 0), 0, LF.bottleneck_padding(h, k, 0)))
         z = self.project(self.down(x))
-        if self.up_impl == "expand":
+        fresh = self.up_impl == "deconv"  # else y may be a crop view: materialized once below
+        if self.up_impl == "expand" and fused_path(z):
+            y, fresh = self._expand_cropped(z, h, w), True
+        elif self.up_impl == "expand":
             y = self._expand(z)[..., off:off + h, off:off + w]  # a view: the crop costs nothing
         else:
             rh, rw = z.shape[-2:]
@@ -557,7 +560,6 @@ class BottleneckOp(InferenceOp):
             y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
             if not direct:
                 y = y[..., :h, :w]
-        fresh = self.up_impl == "deconv"  # else y is a crop view: materialize it once
         if residual is not None:
             if self.res_scale is not None:
                 residual = residual * self.res_scale.view(1, -1, 1, 1)
@@ -568,6 +570,32 @@ class BottleneckOp(InferenceOp):
         if self.relu:
             return y.relu_() if fresh else F.relu(y)
         return y if fresh else y.contiguous(memory_format=torch.channels_last)
+
+    def _expand_cropped(self, z: Tensor, h: int, w: int) -> Tensor:
+        """The transposed conv and the crop in one: each of the k*k phases of the output (rows
+        ``p`` with ``(p + offset) % k == a``, columns likewise) is its reduced pixels times that
+        tap of each channel's filter, plus bias, written straight into a fresh channels_last
+        ``(B, C, h, w)`` tensor (no uncropped intermediate, so the epilogue runs on contiguous memory)."""
+        b, c = z.shape[:2]
+        k, off = self.k, self.offset
+        zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
+        y = z.new_empty(b, h, w, c)
+        rh, rw = zl.shape[1:3]
+        if off == 0 and (h, w) == (rh * k, rw * k):  # no crop: every phase in one broadcast call
+            torch.addcmul(self.bias, zl[:, :, None, :, None], self.up_weight[:, 0].permute(1, 2, 0)[None, :, None],
+                          out=y.view(b, rh, k, rw, k, c))
+            return y.permute(0, 3, 1, 2)
+        for a in range(k):
+            p0 = (a - off) % k
+            rows = len(range(p0, h, k))
+            r0 = (p0 + off) // k
+            for bb in range(k):
+                q0 = (bb - off) % k
+                cols = len(range(q0, w, k))
+                c0 = (q0 + off) // k
+                torch.addcmul(self.bias, zl[:, r0:r0 + rows, c0:c0 + cols], self.up_weight[:, 0, a, bb],
+                              out=y[:, p0::k, q0::k])
+        return y.permute(0, 3, 1, 2)
 
     def _expand(self, z: Tensor) -> Tensor:
         """The stride-k depthwise transposed conv as one broadcast multiply-add (no oneDNN deconv):
