@@ -77,7 +77,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                 _check_cheaper(new, conv, site)
             if sel.min_speedup and not asked and site.input_shape is not None:
                 speeds[site.name] = layer_speed(conv, new, site.input_shape, sel.speed_batch or batch)
-                _check_faster(speeds[site.name], sel.min_speedup)
+                if (why := speeds[site.name].shortfall(sel.min_speedup)) is not None:
+                    raise ConfigError(why)
         except ConfigError as e:
             reasons[site.name] = str(e)
             continue
@@ -143,13 +144,6 @@ def _check_cheaper(new: nn.Module, conv: nn.Conv2d, site: ConvSite) -> None:
         raise ConfigError(f"its replacement would cost {after / 1e6:.1f}M MACs, not fewer than the conv's "
                           f"{before / 1e6:.1f}M ({site.input_shape[0]}->{site.output_shape[0]} channels; "
                           f"select.only_cheaper)")
-
-
-def _check_faster(speed: LayerSpeed, min_speedup: float) -> None:
-    if speed.speedup < min_speedup:
-        raise ConfigError(f"its replacement measured {speed.speedup:.2f}x the conv's speed ({speed.new_ms:.2f} vs "
-                          f"{speed.conv_ms:.2f} ms at batch {speed.batch}, {speed.threads} threads, {speed.device}), "
-                          f"under select.min_speedup = {min_speedup:g}")
 
 
 def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,

@@ -129,3 +129,32 @@ def test_bad_budget_config_names_the_field():
         BudgetConfig(images=0)
     with pytest.raises(ConfigError, match="budget.weighting"):
         BudgetConfig(weighting="best")
+
+
+def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
+    """With select.min_speedup, a menu entry measured slower than the conv is not a candidate
+    (its reason says so); the others stay; without it nothing is timed."""
+    import dataclasses
+
+    import leanconv.recipes.budget as budget
+    from leanconv.measure.latency import LayerSpeed
+    model, example, _ = small
+    timed = []
+
+    def fake(conv, block, shape, batch):
+        timed.append(batch)
+        slow = type(block).__name__ == "SICStack"
+        return LayerSpeed(conv_ms=1.0, new_ms=2.0 if slow else 0.5, batch=batch, threads=1, device="cpu")
+
+    monkeypatch.setattr(budget, "layer_speed", fake)
+    sel = dataclasses.replace(leanconv.get_recipe("sic-m2").select, min_speedup=1.2, speed_batch=4)
+    sized = size_candidates(model, "sic-m2", example, menu=_menu(), select=sel)
+    for layer in sized.layers:
+        by = {c.label: c for c in layer.candidates}
+        assert by["keep"].usable and by["unravel-b1"].usable and by["unravel-b4"].usable
+        assert not by["sic-m2"].usable and "min_speedup = 1.2" in by["sic-m2"].reason
+        assert not by["sic-bottleneck"].usable
+    assert timed and set(timed) == {4}
+    timed.clear()
+    size_candidates(model, "sic-m2", example, menu=_menu())
+    assert timed == []

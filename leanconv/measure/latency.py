@@ -123,6 +123,14 @@ class LayerSpeed:
     def speedup(self) -> float:
         return self.conv_ms / self.new_ms
 
+    def shortfall(self, min_speedup: float) -> str | None:
+        """Why the replacement is refused under ``select.min_speedup``, or None when it is fast enough."""
+        if self.speedup >= min_speedup:
+            return None
+        return (f"its replacement measured {self.speedup:.2f}x the conv's speed ({self.new_ms:.2f} vs "
+                f"{self.conv_ms:.2f} ms at batch {self.batch}, {self.threads} threads, {self.device}), under "
+                f"select.min_speedup = {min_speedup:g}")
+
     def to_dict(self) -> dict:
         return {"conv_ms": round(self.conv_ms, 4), "new_ms": round(self.new_ms, 4), "batch": self.batch,
                 "threads": self.threads, "device": self.device, "speedup": round(self.speedup, 4)}

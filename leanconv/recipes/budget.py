@@ -40,6 +40,7 @@ from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import relative_error
 from leanconv.errors import ConfigError, DataError
 from leanconv.measure.complexity import count
+from leanconv.measure.latency import layer_speed
 from leanconv.plan import human
 from leanconv.recipes.knapsack import multiple_choice_knapsack
 from leanconv.recipes.registry import Recipe, get_recipe
@@ -263,7 +264,8 @@ def size_candidates(original: nn.Module, recipe: "str | Recipe", example_inputs:
     menu = {"keep": None, **{k: v for k, v in menu.items() if v is not None}}
     facts = analyze(original, example_inputs)
     before = count(original, example_inputs)
-    sites = [c.site for c in select_candidates(facts, select or recipe.select) if c.selected]
+    sel = select or recipe.select
+    sites = [c.site for c in select_candidates(facts, sel) if c.selected]
     sites.sort(key=lambda s: s.order if s.order is not None else 1 << 30)
     if not sites:
         raise ConfigError("the budget solver found no conv to convert (check the selection: --include, "
@@ -273,7 +275,8 @@ def size_candidates(original: nn.Module, recipe: "str | Recipe", example_inputs:
         conv = original.get_submodule(site.name)
         dense = before.macs_under(site.name)
         shift = _shift(facts, site, original)
-        cands = tuple(_sized(label, spec, conv, site, dense, shift) for label, spec in menu.items())
+        cands = tuple(_sized(label, spec, conv, site, dense, shift, sel, example_inputs.shape[0])
+                      for label, spec in menu.items())
         rows.append(LayerBudget(site.name, dense, cands, 1.0, "keep", shift))
     fixed = before.macs - sum(l.macs_dense for l in rows)
     return Candidates(before.macs, fixed, tuple(rows), seconds=time.perf_counter() - t0)
@@ -390,8 +393,10 @@ def choose(cands: Candidates, target: int, weighting: "Weighting | str" = Weight
 # --------------------------------------------------------------------------- helpers
 
 
-def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int, shift) -> Candidate:
-    """A candidate with its MACs and parameters counted on the built replacement."""
+def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int, shift, sel: Selection,
+           batch: int) -> Candidate:
+    """A candidate with its MACs and parameters counted on the built replacement (and, with
+    ``select.min_speedup``, refused when it is not measured that much faster than the conv)."""
     params = sum(p.numel() for p in conv.parameters())
     if spec is None:
         return Candidate(label, None, dense, params)
@@ -400,7 +405,10 @@ def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int
     except ConfigError as e:
         return Candidate(label, spec, dense, params, reason=str(e))
     x = torch.zeros((1,) + tuple(site.input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
-    return Candidate(label, spec, count(block, x).macs, sum(p.numel() for p in block.parameters()))
+    why = None
+    if sel.min_speedup:
+        why = layer_speed(conv, block, site.input_shape, sel.speed_batch or batch).shortfall(sel.min_speedup)
+    return Candidate(label, spec, count(block, x).macs, sum(p.numel() for p in block.parameters()), reason=why)
 
 
 def _capture(original: nn.Module, conv: nn.Conv2d, name: str, stream: ImageStream, held: list[Tensor],
