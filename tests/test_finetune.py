@@ -235,6 +235,10 @@ def test_iterable_data_is_refused():
         finetune(teacher, student, Stream(), None, FinetuneConfig(**FAST), progress=False)
     with pytest.raises(DataError, match="fewer than one batch"):
         finetune(teacher, student, Augmented(8), None, FinetuneConfig(**FAST), progress=False)
+    with pytest.raises(ConfigError, match="finetune.epochs is 0"):  # valid in a recipe (run skips it), not here
+        finetune(teacher, student, Augmented(64), None, FinetuneConfig(**{**FAST, "epochs": 0}), progress=False)
+    with pytest.raises(ConfigError, match=r"finetune\.epochs"):
+        FinetuneConfig(epochs=-1)
 
 
 # --------------------------------------------------------------------------- resume

@@ -38,7 +38,7 @@ OPERATIONAL_FIELDS = frozenset({"eval_every", "checkpoint_every_steps", "amp", "
 class FinetuneConfig:
     """Settings of ``leanconv.finetune``."""
 
-    epochs: float = 1.0             # passes over the training data (fractions allowed)
+    epochs: float = 1.0             # passes over the training data (fractions allowed; 0: `run` skips fine-tuning)
     batch_size: int = 64            # per process (a DataLoader passed in keeps its own)
     optimizer: Optimizer = Optimizer.SGD
     lr: float = 0.01                # peak learning rate (after warm-up); not scaled with the number of processes
@@ -79,8 +79,6 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.workers: must be an integer >= 0 (or omitted for auto), got {self.workers!r}")
         if self.temperature <= 0:
             raise ConfigError(f"finetune.temperature: must be > 0, got {self.temperature!r}")
-        if self.epochs <= 0:
-            raise ConfigError(f"finetune.epochs: must be > 0, got {self.epochs!r}")
         if self.momentum >= 1:
             raise ConfigError(f"finetune.momentum: must be < 1, got {self.momentum!r}")
         if self.final_lr > 1:

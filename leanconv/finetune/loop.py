@@ -124,6 +124,8 @@ def finetune(original: nn.Module, converted: nn.Module, train, val=None,
     """
     if converted is original:
         raise ConfigError("finetune needs the original and the converted model as two separate modules")
+    if config.epochs <= 0:
+        raise ConfigError(f"finetune.epochs is {config.epochs!r}: nothing to fine-tune (give a number > 0)")
     rt = setup(config, device, distributed)
     with StopRequests() as stop:
         return _Run(original, converted, train, val, config, rt, out_dir, recipe, progress, on_step, stop).run(resume)
