@@ -146,7 +146,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True):
 
             solution = solve_budget(original, cfg.recipe, example, calib_data, cfg.target_macs, select=cfg.select,
                                     progress=progress and is_main_process())
-            print(solution.table()) if is_main_process() else None
+            if is_main_process():
+                print(solution.table())
+                write_json(cfg.out / "budget.json", solution.to_dict())  # every candidate, measured
             layers = solution.layers
         converted, plan = leanconv.convert(original, cfg.recipe, example, select=cfg.select, layers=layers,
                                            source=cfg.source, progress=progress and is_main_process())

@@ -155,6 +155,9 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
         assert not by["sic-m2"].usable and "min_speedup = 1.2" in by["sic-m2"].reason
         assert not by["sic-bottleneck"].usable
     assert timed and set(timed) == {4}
+    assert sized.layers[0].candidates[1].speedup == 2.0  # unravel-b1: measured, usable
+    from leanconv.recipes.budget import _unusable
+    assert _unusable(by["sic-m2"]) == "slower (0.50x)" and by["sic-bottleneck"].speedup == 0.5
     timed.clear()
     size_candidates(model, "sic-m2", example, menu=_menu())
     assert timed == []

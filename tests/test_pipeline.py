@@ -141,6 +141,8 @@ def test_run_with_a_mac_budget_meets_it(tmp_path, monkeypatch):
     run(cfg, progress=False)
     totals = json.loads((cfg.out / "plan.json").read_text())["totals"]
     assert 0.98 * 0.7 <= totals["macs_after"] / totals["macs_before"] <= 0.7
+    solution = json.loads((cfg.out / "budget.json").read_text())  # the solver's candidates, kept with the run
+    assert solution["macs_after"] == totals["macs_after"] and solution["per_layer"][0]["candidates"]
     impossible = dataclasses.replace(cfg, out=tmp_path / "impossible", target_macs=0.01)
     with pytest.raises(ConfigError, match="cannot be met"):
         run(impossible, progress=False)

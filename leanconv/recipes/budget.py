@@ -107,6 +107,7 @@ class Candidate:
     damage: float | None = None  # end-to-end damage with only this layer replaced (see module doc)
     reason: str | None = None    # why it cannot replace this conv (then it is not chosen)
     seconds: float = 0.0
+    speedup: float | None = None  # measured against the conv (select.min_speedup only)
 
     @property
     def usable(self) -> bool:
@@ -180,7 +181,7 @@ class BudgetSolution:
                           f"({self.eval_images} held-out images; MAC ratio in brackets; * chosen):"]
             grid = [("layer",) + tuple(labels)]
             for l in self.per_layer:
-                cells = {c.label: ("n/a" if not c.usable else "-" if c.error is None else
+                cells = {c.label: (_unusable(c) if not c.usable else "-" if c.error is None else
                                    f"{c.error:.3f} ({c.macs / max(l.macs_dense, 1):.2f})" + ("*" if c.label == l.chosen
                                                                                            else ""))
                          for c in l.candidates}
@@ -393,6 +394,10 @@ def choose(cands: Candidates, target: int, weighting: "Weighting | str" = Weight
 # --------------------------------------------------------------------------- helpers
 
 
+def _unusable(c: Candidate) -> str:
+    return f"slower ({c.speedup:.2f}x)" if c.speedup is not None else "n/a"
+
+
 def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int, shift, sel: Selection,
            batch: int) -> Candidate:
     """A candidate with its MACs and parameters counted on the built replacement (and, with
@@ -405,10 +410,12 @@ def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int
     except ConfigError as e:
         return Candidate(label, spec, dense, params, reason=str(e))
     x = torch.zeros((1,) + tuple(site.input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
-    why = None
+    why = speedup = None
     if sel.min_speedup:
-        why = layer_speed(conv, block, site.input_shape, sel.speed_batch or batch).shortfall(sel.min_speedup)
-    return Candidate(label, spec, count(block, x).macs, sum(p.numel() for p in block.parameters()), reason=why)
+        speed = layer_speed(conv, block, site.input_shape, sel.speed_batch or batch)
+        why, speedup = speed.shortfall(sel.min_speedup), speed.speedup
+    return Candidate(label, spec, count(block, x).macs, sum(p.numel() for p in block.parameters()), reason=why,
+                     speedup=speedup)
 
 
 def _capture(original: nn.Module, conv: nn.Conv2d, name: str, stream: ImageStream, held: list[Tensor],
