@@ -166,9 +166,9 @@ def test_shared_relu_is_not_removed():
 
 
 @pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 9), (7, 10), (8, 9)])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_bottleneck_without_pad_copies_is_exact(size, offset):
-    layer = SpatialBottleneck(16, 16, 2, offset)
+@pytest.mark.parametrize("k, offset", [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)])
+def test_bottleneck_without_pad_copies_is_exact(size, k, offset):
+    layer = SpatialBottleneck(16, 16, k, offset)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()

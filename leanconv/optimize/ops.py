@@ -545,9 +545,12 @@ class BottleneckOp(InferenceOp):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         k, off = self.k, self.offset
         h, w = x.shape[-2:]
-        direct = off > 0 or (h % k == 0 and w % k == 0)
-        if not direct:  # offset 0 with a size not divisible by k: the trailing pad is one-sided
-            x = F.pad(x, (0, LF.bottleneck_padding(w, k, 0), 0, LF.bottleneck_padding(h, k, 0)))
+        # the down conv pads `off` on every side; the layer pads `off` before and up to the next
+        # multiple of k after: when that needs more than `off`, the rest is padded here
+        pad_h, pad_w = (max(0, LF.bottleneck_padding(n, k, off) - off) for n in (h, w))
+        direct = pad_h == 0 and pad_w == 0
+        if not direct:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         z = self.project(self.down(x))
         fresh = self.up_impl == "deconv"  # else y may be a crop view: materialized once below
         if self.up_impl == "expand" and fused_path(z):
@@ -559,7 +562,7 @@ class BottleneckOp(InferenceOp):
             out_pad = (2 * off + h - rh * k, 2 * off + w - rw * k) if direct else (0, 0)
             y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
             if not direct:
-                y = y[..., :h, :w]
+                y = y[..., off:off + h, off:off + w]
         if residual is not None:
             if self.res_scale is not None:
                 residual = residual * self.res_scale.view(1, -1, 1, 1)
@@ -572,30 +575,42 @@ class BottleneckOp(InferenceOp):
         return y if fresh else y.contiguous(memory_format=torch.channels_last)
 
     def _expand_cropped(self, z: Tensor, h: int, w: int) -> Tensor:
-        """The transposed conv and the crop in one: each of the k*k phases of the output (rows
-        ``p`` with ``(p + offset) % k == a``, columns likewise) is its reduced pixels times that
-        tap of each channel's filter, plus bias, written straight into a fresh channels_last
-        ``(B, C, h, w)`` tensor (no uncropped intermediate, so the epilogue runs on contiguous memory)."""
+        """The transposed conv and the crop in one, written into a fresh channels_last
+        ``(B, C, h, w)`` tensor (no uncropped intermediate, so the epilogue runs on contiguous
+        memory). Output row ``p`` is tap ``(p + offset) % k`` of reduced row ``(p + offset) // k``
+        (columns likewise): the rows and columns that start whole k x k blocks take one broadcast
+        multiply-add; the cropped edge strips (fewer than k rows or columns) one call per tap."""
         b, c = z.shape[:2]
         k, off = self.k, self.offset
         zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
         y = z.new_empty(b, h, w, c)
-        rh, rw = zl.shape[1:3]
-        if off == 0 and (h, w) == (rh * k, rw * k):  # no crop: every phase in one broadcast call
-            torch.addcmul(self.bias, zl[:, :, None, :, None], self.up_weight[:, 0].permute(1, 2, 0)[None, :, None],
-                          out=y.view(b, rh, k, rw, k, c))
-            return y.permute(0, 3, 1, 2)
-        for a in range(k):
-            p0 = (a - off) % k
-            rows = len(range(p0, h, k))
-            r0 = (p0 + off) // k
-            for bb in range(k):
-                q0 = (bb - off) % k
-                cols = len(range(q0, w, k))
-                c0 = (q0 + off) // k
-                torch.addcmul(self.bias, zl[:, r0:r0 + rows, c0:c0 + cols], self.up_weight[:, 0, a, bb],
-                              out=y[:, p0::k, q0::k])
+        ps = qs = (-off) % k  # first row / column that starts a block
+        nr, nc = max(0, (h - ps) // k), max(0, (w - qs) // k)
+        pe, qe = ps + nr * k, qs + nc * k
+        if nr and nc:
+            r0, c0 = (ps + off) // k, (qs + off) // k
+            taps = self.up_weight[:, 0].permute(1, 2, 0)  # (k, k, C)
+            torch.addcmul(self.bias, zl[:, r0:r0 + nr, None, c0:c0 + nc, None], taps[None, :, None],
+                          out=y[:, ps:pe, qs:qe].unflatten(1, (nr, k)).unflatten(3, (nc, k)))
+        for strip in ((0, min(ps, h), 0, w), (pe, h, 0, w), (ps, pe, 0, min(qs, w)), (ps, pe, qe, w)):
+            self._taps_into(y, zl, *strip)
         return y.permute(0, 3, 1, 2)
+
+    def _taps_into(self, y: Tensor, zl: Tensor, pa: int, pb: int, qa: int, qb: int) -> None:
+        """Output rows [pa, pb) x columns [qa, qb) of ``_expand_cropped``, one call per tap."""
+        k, off = self.k, self.offset
+        for a in range(k):
+            p0 = pa + (a - off - pa) % k
+            if p0 >= pb:
+                continue
+            rows, r0 = len(range(p0, pb, k)), (p0 + off) // k
+            for t in range(k):
+                q0 = qa + (t - off - qa) % k
+                if q0 >= qb:
+                    continue
+                cols, c0 = len(range(q0, qb, k)), (q0 + off) // k
+                torch.addcmul(self.bias, zl[:, r0:r0 + rows, c0:c0 + cols], self.up_weight[:, 0, a, t],
+                              out=y[:, p0:pb:k, q0:qb:k])
 
     def _expand(self, z: Tensor) -> Tensor:
         """The stride-k depthwise transposed conv as one broadcast multiply-add (no oneDNN deconv):
