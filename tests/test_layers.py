@@ -64,6 +64,10 @@ def test_topo_matches_its_dense_equivalent_with_permutations():
     assert (layer(x) - dense).abs().max() < 1e-5
     mask = layer.connection_mask()
     assert mask.sum() == 32 * 4 and (mask.sum(1) == 4).all()
+    reloaded = TopoConv2d(16, 32, 3, topo, stride=2, padding=1)
+    reloaded.set_assignment(layer.in_perm, layer.out_perm)
+    reloaded.load_dense(layer.dense_weight().double())  # a fit in another dtype (or on another device)
+    assert reloaded.weight.dtype == torch.float32 and torch.equal(reloaded.weight, layer.weight)
 
 
 def test_grid_neighbours_follow_algorithm_3():

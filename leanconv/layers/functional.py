@@ -52,8 +52,8 @@ def unravel_svd(weight: Tensor, b: int) -> tuple[Tensor, Tensor]:
     u, s, vh = batched_svd(w)  # (ci, co, r), (ci, r), (ci, r, k2)
     r = min(b, s.shape[1])
     root = s[:, :r].sqrt()  # (ci, r)
-    dw = torch.zeros(ci, b, kh * kw, dtype=torch.float64)
-    proj = torch.zeros(co, ci, b, dtype=torch.float64)
+    dw = torch.zeros(ci, b, kh * kw, dtype=torch.float64, device=weight.device)
+    proj = torch.zeros(co, ci, b, dtype=torch.float64, device=weight.device)
     dw[:, :r] = vh[:, :r] * root[..., None]
     proj[:, :, :r] = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2)  # (co, ci, r)
     dw = dw.reshape(ci * b, 1, kh, kw)

@@ -47,7 +47,7 @@ class SICLayer(nn.Module):
         w = torch.zeros_like(self.depthwise.weight)
         w[:, 0, self.kernel_size[0] // 2, self.kernel_size[1] // 2] = 1.0
         self.depthwise.weight.copy_(w)
-        load_projection(self.project, torch.zeros(self.out_channels, self.in_channels))
+        load_projection(self.project, self.depthwise.weight.new_zeros(self.out_channels, self.in_channels))
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         d = self.depthwise

@@ -163,6 +163,7 @@ class TopoConv2d(nn.Module):
         expect = (self.out_channels, self.in_channels) + self.kernel_size
         if tuple(dense.shape) != expect:
             raise ConfigError(f"dense kernel has shape {tuple(dense.shape)}, expected {expect}")
+        dense = dense.to(self.weight)  # indexed by this layer's buffers: on its device (a CPU fit of a GPU layer)
         self.weight.copy_(dense[self.out_perm[:, None], self.sources])
 
     @torch.no_grad()
