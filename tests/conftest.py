@@ -1,8 +1,29 @@
-"""Shared test settings: seeded, CPU, two threads."""
+"""Shared test settings: seeded, CPU, two threads; tests marked ``cuda`` run only where CUDA is."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exact_cuda():
+    """Float32 on CUDA as on the CPU (no TF32) and deterministic cuDNN kernels: the tests check
+    leanconv's arithmetic and resume logic, not cuDNN's rounding or atomics. No effect on CPU."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
 @pytest.fixture(autouse=True)

@@ -87,13 +87,16 @@ def perturb_projections(model: nn.Module, seed: int = 2) -> None:
 # --------------------------------------------------------------------------- exact cases
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_exact_unravel_b9_recovers_perturbed_projections(schedule):
+@pytest.mark.parametrize("schedule, device", [("layerwise", "cpu"), ("streamed", "cpu"),
+                                              pytest.param("streamed", "cuda", marks=pytest.mark.cuda)])
+def test_exact_unravel_b9_recovers_perturbed_projections(schedule, device):
     model = tiny_model()
     recipe = Recipe("unravel-b9", "", LayerSpec(Method.UNRAVEL, multiplier=9), Selection(only_cheaper=False))
     converted, _ = leanconv.convert(model, recipe, torch.randn(1, 3, 12, 12))
     perturb_projections(converted)
+    model, converted = model.to(device), converted.to(device)
     report = leanconv.calibrate(model, converted, images(160), exact(schedule), progress=False)
+    assert all(p.device.type == device for p in converted.parameters())
     assert len(report.layers) == 2
     assert_exact(report)
 

@@ -270,6 +270,18 @@ def test_min_speedup_keeps_convs_whose_replacement_is_not_measured_faster(monkey
     assert timed == [] and all(l.speed is None for l in plan.layers)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", ["sic-m2", "unravel-b4", "sic-bottleneck", "sic-topo2d"])
+def test_a_model_on_cuda_is_converted_and_timed_there(recipe):
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    converted, plan = leanconv.convert(model, recipe, x, select=Selection(min_speedup=1e-3, speed_batch=2))
+    assert plan.converted and all(p.is_cuda for p in converted.parameters())
+    assert all(l.speed["device"].startswith("cuda") for l in plan.layers if l.converted)
+    with torch.no_grad():
+        assert converted.eval()(x).shape == (2, 10)
+
+
 def test_min_speedup_times_real_layers():
     """Real timings: every replacement is slower than 99x its conv's speed, and every one is
     faster than 0.001x; the recorded times are positive and at the asked batch."""

@@ -45,3 +45,15 @@ def test_count_restores_training_mode():
     m = torchvision.models.resnet18(num_classes=10).train()
     count(m, torch.randn(1, 3, 32, 32))
     assert m.training
+
+
+@pytest.mark.cuda
+def test_latency_is_timed_on_cuda_where_the_weights_are():
+    from leanconv.measure.latency import layer_speed, time_models
+
+    conv = nn.Conv2d(16, 16, 3, padding=1).cuda()
+    sic = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 16, 1)).cuda()
+    speed = layer_speed(conv, sic, (16, 32, 32), 4)
+    assert speed.device.startswith("cuda") and speed.conv_ms > 0 and speed.new_ms > 0
+    timings = time_models({"conv": conv.eval(), "sic": sic.eval()}, (16, 32, 32), 4, device="cuda", repeats=3)
+    assert {t.device for t in timings.values()} == {"cuda"} and all(t.median_ms > 0 for t in timings.values())

@@ -102,11 +102,16 @@ def test_band_plan_skips_connections():
 
 # --------------------------------------------------------------------------- optimize keeps the function
 
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("recipe", ["original"] + RECIPES)
-def test_optimize_matches_unoptimized(recipe):
+def test_optimize_matches_unoptimized(recipe, device):
     base = small_model()
     x = torch.randn(3, 1, 28, 28)
     model = base if recipe == "original" else randomize_norms(leanconv.convert(base, recipe, x[:1])[0])
+    model, x = model.to(device), x.to(device)
     with torch.no_grad():
         ref = model(x)
         opt = leanconv.optimize(model, x, repeats=1, guard=False)
@@ -118,6 +123,20 @@ def test_optimize_matches_unoptimized(recipe):
     assert rel_err(y_portable, ref) < 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in opt.modules()), "every BN here follows a conv"
     assert model.training is False and ref.shape == y.shape
+    assert all(p.device.type == device for p in opt.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimize_half_precision_on_cuda_stays_close(dtype):
+    base = small_model()
+    x = torch.randn(8, 1, 28, 28)
+    model = randomize_norms(leanconv.convert(base, "sic-m2", x[:1])[0]).cuda()
+    with torch.no_grad():
+        ref = model(x.cuda())
+        opt = leanconv.optimize(copy.deepcopy(model).to(dtype), x.cuda().to(dtype), repeats=1, guard=False)
+        y = opt(x.cuda().to(dtype)).float()
+    assert rel_err(y, ref) < (2e-2 if dtype is torch.bfloat16 else 5e-3), f"{dtype}: rel err {rel_err(y, ref):.2e}"
 
 
 def test_negative_bn_scales_and_internal_norms_fold_exactly():

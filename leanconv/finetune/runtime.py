@@ -152,6 +152,10 @@ def _device(device: str | torch.device | None, local_rank: int) -> torch.device:
             raise ConfigError(f"device {device!r}: CUDA is not available here")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {dev} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s). Under torchrun, start at most that many processes per node "
+                          f"(--nproc_per_node), or pass device='cpu'")
     return dev
 
 
