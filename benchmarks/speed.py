@@ -11,6 +11,7 @@ channels_last, per-shape implementation choice timed at the benchmark's batch si
     python benchmarks/speed.py --models resnet50 --batches 16 --recipes sic-m2,topo2d
     python benchmarks/speed.py --models resnet50 --batches 16 --recipes sic-m2 --layers   # where time goes
     python benchmarks/speed.py ... --compile                    # also torch.compile (inductor), slow to build
+    python benchmarks/speed.py --device cuda [--dtype float16]  # on a GPU: optimized and timed there
 
 Weights are random (``weights=None``): speed does not depend on their values.
 """
@@ -56,11 +57,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def fidelity(opt: torch.nn.Module, raw: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(relative error of the optimized model, of the unoptimized one), both in float32 against
-    the unoptimized model in float64: optimization must not add error beyond float32 rounding."""
-    ref = copy.deepcopy(raw).eval().double()(x.double())
-    return (rel_err(opt(x.to(memory_format=torch.channels_last)).double(), ref),
-            rel_err(raw.eval()(x).double(), ref))
+    """(relative error of the optimized model, of the unoptimized one), both at the benchmark's
+    device and dtype against the unoptimized model in float64 on the CPU: optimization must not add
+    error beyond that dtype's rounding."""
+    ref = copy.deepcopy(raw).eval().cpu().double()(x.cpu().double())
+    return (rel_err(opt(x.to(memory_format=torch.channels_last)).cpu().double(), ref),
+            rel_err(raw.eval()(x).cpu().double(), ref))
 
 
 def ort_times(models: dict, x: torch.Tensor, threads: int, repeats: int, warmup: int, tmp: str) -> dict | None:
@@ -86,7 +88,7 @@ def ort_times(models: dict, x: torch.Tensor, threads: int, repeats: int, warmup:
     return {k: t.median for k, t in time_interleaved(fns, repeats, warmup).items()}
 
 
-def compiled_times(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict:
+def compiled_times(models: dict, x: torch.Tensor, repeats: int, warmup: int, device=None) -> dict:
     import torch._inductor.config as ic
 
     ic.freezing = True
@@ -95,22 +97,35 @@ def compiled_times(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> 
         for c in comp.values():
             c(x)
         return {k: t.median for k, t in time_interleaved({k: (lambda c=c: c(x)) for k, c in comp.items()},
-                                                         repeats, warmup).items()}
+                                                         repeats, warmup, device).items()}
 
 
-def cuda_speedup(orig: torch.nn.Module, conv: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Eager speedup on the first CUDA device (the CPU-optimized models, moved there)."""
-    dev = torch.device("cuda")
-    models = {k: copy.deepcopy(m).to(dev) for k, m in (("orig", orig), ("conv", conv))}
-    xd = x.to(dev, memory_format=torch.channels_last)
-    with torch.no_grad():
-        t = time_interleaved({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, 3, device=dev)
-    return t["orig"].median / t["conv"].median
+def graphed(model: torch.nn.Module, x: torch.Tensor):
+    """``model(x)`` captured once in a CUDA graph; returns the replay (kernels only, no launch
+    overhead: what a deployment with CUDA graphs, TensorRT or ``torch.compile(mode="reduce-overhead")``
+    pays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        model(x)
+    return graph.replay
 
 
 def layer_breakdown(orig: torch.nn.Module, conv: torch.nn.Module, plan, x: torch.Tensor, repeats: int) -> list[dict]:
-    """Per converted site: milliseconds inside that module in the original and converted models."""
+    """Per converted site: milliseconds inside that module in the original and converted models
+    (on CUDA, the device is synchronized around each site)."""
     sites = [l for l in plan.layers if l.converted]
+    dev = x.device if x.is_cuda else None
+
+    def now() -> float:
+        if dev is not None:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
 
     def timed(model):
         acc = {s.name: [] for s in sites}
@@ -118,15 +133,14 @@ def layer_breakdown(orig: torch.nn.Module, conv: torch.nn.Module, plan, x: torch
         handles = []
         for s in sites:
             mod = model.get_submodule(s.name)
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=s.name: starts.__setitem__(n, time.perf_counter())))
-            handles.append(mod.register_forward_hook(
-                lambda m, a, o, n=s.name: acc[n].append(time.perf_counter() - starts[n])))
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=s.name: starts.__setitem__(n, now())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=s.name: acc[n].append(now() - starts[n])))
         return acc, handles
 
     acc_o, h_o = timed(orig)
     acc_c, h_c = timed(conv)
     with torch.no_grad():
-        tot = time_interleaved({"orig": lambda: orig(x), "conv": lambda: conv(x)}, repeats, 1)
+        tot = time_interleaved({"orig": lambda: orig(x), "conv": lambda: conv(x)}, repeats, 1, dev)
     for h in h_o + h_c:
         h.remove()
     rows = []
@@ -155,7 +169,12 @@ def main() -> int:
     ap.add_argument("--tune-repeats", type=int, default=5, help="timed runs per alternative in optimize")
     ap.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor, freezing)")
-    ap.add_argument("--cuda", action="store_true", help="also time on CUDA where present")
+    ap.add_argument("--device", default="cpu", help="where the networks are optimized and timed: cpu (default) "
+                                                    "or cuda[:N] (then no onnxruntime column)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --device cuda: also time each network replayed from a CUDA graph (no launch overhead)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="dtype of the timed networks and inputs (float16: CUDA only)")
     ap.add_argument("--layers", action="store_true", help="per-layer breakdown instead of the summary table")
     ap.add_argument("--quick", action="store_true", help="resnet18 at 128, sic-m2 and unravel-b4, few repeats")
     ap.add_argument("--json", help="append result rows to this JSON-lines file")
@@ -167,25 +186,37 @@ def main() -> int:
         a.models, a.size, a.recipes = "resnet18", 128, a.recipes or "sic-m2,unravel-b4"
         a.repeats, a.tune_repeats = a.repeats or 3, 2
     torch.set_num_threads(a.threads)
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: CUDA is not available here")
+    if dtype is torch.float16 and dev.type != "cuda":
+        ap.error("--dtype float16 needs --device cuda")
+    if a.cuda_graphs and dev.type != "cuda":
+        ap.error("--cuda-graphs needs --device cuda")
+    a.no_onnx = a.no_onnx or dev.type != "cpu" or dtype is not torch.float32
     recipes = a.recipes.split(",") if a.recipes else [r.name for r in leanconv.list_recipes()]
     batches = [int(b) for b in a.batches.split(",")]
     log(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-        f"{a.threads} threads, input {a.size}x{a.size}")
+        f"{a.threads} threads, input {a.size}x{a.size}, {a.dtype} on {dev}")
+    if dev.type == "cuda":
+        log(f"# {torch.cuda.get_device_name(dev)}, cudnn {torch.backends.cudnn.version()}, "
+            f"TF32 convs {torch.backends.cudnn.allow_tf32}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
     header = ("| model | batch | recipe | MACs conv/orig | theoretical | eager orig ms | eager conv ms | eager speedup "
               "| realized | ORT speedup | ORT realized |" + (" compile speedup |" if a.compile else "")
-              + (" CUDA speedup |" if a.cuda else "") + " rel err vs f64 (opt / unopt) |")
+              + (" graph orig ms | graph conv ms | graph speedup | graph realized |" if a.cuda_graphs else "")
+              + " rel err vs f64 (opt / unopt) |")
     if not a.layers:
         print(header)
         print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     tmp = tempfile.mkdtemp(prefix="leanconv-speed-")
     for name in a.models.split(","):
-        base = build(name)
+        base = build(name).to(dev)  # float32: converted here (min_speedup times layers on this device)
         x1 = torch.randn(1, 3, a.size, a.size)
         for batch in batches:
-            x = torch.randn(batch, 3, a.size, a.size)
+            x = torch.randn(batch, 3, a.size, a.size).to(dev, dtype)
             reps = a.repeats or (10 if batch == 1 else 5)
             t = time.time()
-            orig = leanconv.optimize(base, x, repeats=a.tune_repeats)
+            orig = leanconv.optimize(copy.deepcopy(base).to(dtype), x, repeats=a.tune_repeats)
             log(f"{name} b{batch}: original optimized in {time.time() - t:.0f}s")
             for recipe in recipes:
                 t = time.time()
@@ -193,7 +224,8 @@ def main() -> int:
                     warnings.simplefilter("ignore")
                     sel = dataclasses.replace(leanconv.get_recipe(recipe).select, min_speedup=a.min_speedup,
                                               speed_batch=batch)
-                    conv_raw, plan = leanconv.convert(base, recipe, x1, select=sel)
+                    conv_raw, plan = leanconv.convert(base, recipe, x1.to(dev), select=sel)
+                    conv_raw = conv_raw.to(dtype)
                 label = f"{recipe}@{a.min_speedup:g}" if a.min_speedup else recipe
                 conv = leanconv.optimize(conv_raw, x, repeats=a.tune_repeats)
                 log(f"{name} b{batch} {label}: {len(plan.converted)}/{len(plan.layers)} layers converted, optimized in {time.time() - t:.0f}s")
@@ -202,7 +234,8 @@ def main() -> int:
                 err, err_raw = fidelity(conv, conv_raw, x[:1])
                 if a.layers:
                     rows = layer_breakdown(orig, conv, plan, xc, reps)
-                    print(f"\n{name}, batch {batch}, {label} ({a.threads} threads)\n")
+                    where = f"{a.threads} threads" if dev.type == "cpu" else f"{dev}, {a.dtype}"
+                    print(f"\n{name}, batch {batch}, {label} ({where})\n")
                     print("| layer | input (C,H,W) | orig ms | conv ms | speedup | theoretical | realized | implementation |")
                     print("|---|---|---|---|---|---|---|---|")
                     for r in rows:
@@ -211,28 +244,39 @@ def main() -> int:
                               f"{r['theory']:.2f} | {sp / r['theory']:.2f} | {r['impl']} |", flush=True)
                     continue
                 with torch.no_grad():
-                    tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2)
+                    tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2,
+                                          dev if dev.type == "cuda" else None)
                 eager = tm["orig"].median / tm["conv"].median
                 ort = None if a.no_onnx else ort_times({"orig": base, "conv": conv_raw}, x, a.threads, reps, 2, tmp)
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
-                comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1) if a.compile else None
-                gpu = cuda_speedup(orig, conv, x, reps) if a.cuda and torch.cuda.is_available() else None
+                comp = (compiled_times({"orig": orig, "conv": conv}, xc, reps, 1, dev if dev.type == "cuda" else None)
+                        if a.compile else None)
+                graph = None
+                if a.cuda_graphs:
+                    try:
+                        replays = {"orig": graphed(orig, xc), "conv": graphed(conv, xc)}
+                        graph = {k: v.median for k, v in time_interleaved(replays, reps, 2, dev).items()}
+                    except RuntimeError as e:  # an op that cannot be captured: say so, keep the eager row
+                        log(f"{name} b{batch} {label}: CUDA graph capture failed: {str(e).splitlines()[0]}")
                 row = {"model": name, "batch": batch, "recipe": recipe, "min_speedup": a.min_speedup,
                        "converted_layers": len(plan.converted), "mac_ratio": plan.mac_ratio,
                        "theoretical": theory, "eager_orig_ms": tm["orig"].median * 1e3,
                        "eager_conv_ms": tm["conv"].median * 1e3, "eager_speedup": eager,
                        "eager_min_speedup": tm["orig"].min / tm["conv"].min, "realized": eager / theory,
                        "ort_speedup": ort_sp, "ort_realized": ort_sp / theory if ort_sp else None,
-                       "compile_speedup": comp["orig"] / comp["conv"] if comp else None, "rel_err_opt": err,
+                       "compile_speedup": comp["orig"] / comp["conv"] if comp else None,
+                       "graph_orig_ms": graph["orig"] * 1e3 if graph else None,
+                       "graph_conv_ms": graph["conv"] * 1e3 if graph else None,
+                       "graph_speedup": graph["orig"] / graph["conv"] if graph else None, "rel_err_opt": err,
                        "rel_err_unopt": err_raw,
-                       "cuda_speedup": gpu,
-                       "threads": a.threads, "size": a.size,
+                       "device": str(dev), "dtype": a.dtype, "threads": a.threads, "size": a.size,
                        "choices": [c.to_dict() for c in leanconv.implementation_choices(conv)]}
                 f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
                 print(f"| {name} | {batch} | {label} | {plan.mac_ratio:.3f} | {theory:.2f} | {f(row['eager_orig_ms'], 1)} | "
                       f"{f(row['eager_conv_ms'], 1)} | {eager:.2f} | {eager / theory:.2f} | {f(ort_sp)} | "
                       f"{f(row['ort_realized'])} |" + (f" {f(row['compile_speedup'])} |" if a.compile else "")
-                      + (f" {f(gpu)} |" if a.cuda else "")
+                      + (f" {f(row['graph_orig_ms'])} | {f(row['graph_conv_ms'])} | {f(row['graph_speedup'])} | "
+                         f"{f(row['graph_speedup'] / theory)} |" if graph else "")
                       + f" {err:.1e} / {err_raw:.1e} |", flush=True)
                 if a.json:
                     with open(a.json, "a") as fh:
