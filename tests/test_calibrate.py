@@ -81,7 +81,7 @@ def perturb_projections(model: nn.Module, seed: int = 2) -> None:
         for m in model.modules():
             if isinstance(m, (UnraveledConv, SICLayer)):
                 w = m.project.weight
-                w.add_(0.5 * w.std() * torch.randn(w.shape, generator=g))
+                w.add_(0.5 * w.std() * torch.randn(w.shape, generator=g).to(w))
 
 
 # --------------------------------------------------------------------------- exact cases
@@ -125,8 +125,9 @@ def test_exact_sic_dense_from_representable_conv(schedule):
     assert_exact(report)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_exact_sic_topological_from_representable_conv(schedule):
+@pytest.mark.parametrize("schedule, device", [("layerwise", "cpu"), ("streamed", "cpu"),
+                                              pytest.param("streamed", "cuda", marks=pytest.mark.cuda)])
+def test_exact_sic_topological_from_representable_conv(schedule, device):
     """A conv that is exactly a topological SIC layer; the start's projection is perturbed. The
     assignment search keeps the identity order (it already keeps everything) and the masked
     closed-form solve recovers the layer."""
@@ -140,9 +141,11 @@ def test_exact_sic_topological_from_representable_conv(schedule):
             layer.depthwise.weight.normal_(0, 0.3)
             layer.project.weight.normal_(0, 0.4)
             model.get_submodule(name).weight.copy_(sic_kernel(layer))
-    converted, _ = leanconv.convert(model, recipe, x)
+    model, x = model.to(device), x.to(device)
+    converted, _ = leanconv.convert(model, recipe, x)  # on the GPU: converted there too
     perturb_projections(converted)
     report = leanconv.calibrate(model, converted, images(160), exact(schedule, assign=True), progress=False)
+    assert all(p.device.type == device for p in converted.parameters())
     for l in report.layers:
         assert l.kept_identity == pytest.approx(1.0) and l.kept == pytest.approx(1.0), (l.name, l.kept)
     assert_exact(report)
