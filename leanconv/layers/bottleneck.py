@@ -68,7 +68,7 @@ class SpatialBottleneck(nn.Module):
         self.down.weight.fill_(1.0 / (self.k * self.k))
         self.up.weight.fill_(1.0)
         if matrix is None:
-            matrix = torch.zeros(self.out_channels, self.in_channels)
+            matrix = self.down.weight.new_zeros(self.out_channels, self.in_channels)
         load_projection(self.project, matrix)
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:

@@ -59,7 +59,7 @@ def analyze(model: nn.Module, example_inputs: Tensor | tuple) -> ModelFacts:
                 order.append(name)
                 shapes[name] = [tuple(args[0].shape[1:]), tuple(output.shape[1:]), 0]
                 y = output.detach().float().transpose(0, 1).reshape(output.shape[1], -1)  # (C, B*H*W)
-                stats[name] = (y.mean(1), y.std(1) if y.shape[1] > 1 else torch.zeros(y.shape[0]))
+                stats[name] = (y.mean(1), y.std(1) if y.shape[1] > 1 else y.new_zeros(y.shape[0]))
             shapes[name][2] += 1
         return fn
 
