@@ -34,7 +34,8 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 par=$($py -c "import xdist" 2>/dev/null && echo "-n 4")  # pytest-xdist where installed
 step tests 130 $py -m pytest -q -p no:cacheprovider $par -rfE tests/test_finetune.py \
     tests/test_optimize.py::test_optimize_half_precision_on_cuda_stays_close \
-    tests/test_optimize.py::test_optimize_matches_unoptimized tests/test_calibrate.py tests/test_measure.py
+    tests/test_optimize.py::test_optimize_matches_unoptimized tests/test_calibrate.py tests/test_measure.py \
+    tests/test_convert.py::test_a_model_on_cuda_is_converted_and_timed_there
 TAIL=40 step speed 220 $py benchmarks/speed.py --device cuda --cuda-graphs --threads 8 --repeats 20 \
     --json "$out/speed.jsonl" --models resnet50,vgg16 --batches 1,16,64 \
     --recipes sic-m2,unravel-b4,sic-bottleneck,sic-topo2d,topo2d
