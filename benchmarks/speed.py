@@ -120,10 +120,10 @@ def layer_breakdown(orig: torch.nn.Module, conv: torch.nn.Module, plan, x: torch
     """Per converted site: milliseconds inside that module in the original and converted models
     (on CUDA, the device is synchronized around each site)."""
     sites = [l for l in plan.layers if l.converted]
-    dev = x.device if x.is_cuda else None
+    dev = x.device
 
     def now() -> float:
-        if dev is not None:
+        if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
@@ -244,13 +244,11 @@ def main() -> int:
                               f"{r['theory']:.2f} | {sp / r['theory']:.2f} | {r['impl']} |", flush=True)
                     continue
                 with torch.no_grad():
-                    tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2,
-                                          dev if dev.type == "cuda" else None)
+                    tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2, dev)
                 eager = tm["orig"].median / tm["conv"].median
                 ort = None if a.no_onnx else ort_times({"orig": base, "conv": conv_raw}, x, a.threads, reps, 2, tmp)
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
-                comp = (compiled_times({"orig": orig, "conv": conv}, xc, reps, 1, dev if dev.type == "cuda" else None)
-                        if a.compile else None)
+                comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1, dev) if a.compile else None
                 graph = None
                 if a.cuda_graphs:
                     try:
