@@ -157,7 +157,7 @@ def layer_speed(conv: nn.Module, replacement: nn.Module, input_shape: tuple[int,
         ready[name] = optimize(wrapped, x, repeats=tune_repeats, guard=False)
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        samples = time_interleaved({n: (lambda m=m: m(xc)) for n, m in ready.items()}, repeats, 2,
-                                   p.device if p.device.type == "cuda" else None, budget_s)
+        samples = time_interleaved({n: (lambda m=m: m(xc)) for n, m in ready.items()}, repeats, 2, p.device,
+                                   budget_s)  # synchronizes only a CUDA device
     return LayerSpeed(samples["conv"].median * 1e3, samples["new"].median * 1e3, batch,
                       torch.get_num_threads(), str(p.device))
