@@ -356,7 +356,7 @@ def _setup_export(p):
 @command("export", "export a model, optimized for inference, to ONNX and/or torch.export")(_setup_export)
 def cmd_export(args) -> int:
     import leanconv
-    from leanconv.export import export_onnx, export_program
+    from leanconv.export import export_onnx, export_program, save_program
 
     if bool(args.run) == bool(args.model):
         raise ConfigError("give exactly one of --from DIR or --model SPEC")
@@ -375,10 +375,8 @@ def cmd_export(args) -> int:
             f"max abs diff vs onnxruntime {res.max_abs_diff:.2e}"
         print(f"wrote {res.path} (opset {res.opset}); {diff}")
     if args.program:
-        prog = export_program(model, x)
-        Path(args.program).parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(prog, args.program)
-        print(f"wrote {args.program} (torch.export program)")
+        save_program(export_program(model, x), args.program)
+        print(f"wrote {args.program} (torch.export program, batch size 1 to 1024)")
     return 0
 
 
