@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from leanconv.errors import ConfigError, LeanconvError
+from leanconv.measure.timing import ask_threads
 
 COMMANDS: dict[str, tuple] = {}
 
@@ -404,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+            ask_threads(args.threads)
         return args.func(args)
     except LeanconvError as e:
         print(f"leanconv {args.command}: error: {e}", file=sys.stderr)

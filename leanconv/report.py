@@ -13,6 +13,7 @@ from torch import nn
 
 from leanconv.measure.accuracy import compare
 from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+from leanconv.measure.timing import timing_threads
 from leanconv.plan import ConversionPlan, human
 from leanconv.serialize import atomic_write, write_json
 
@@ -41,6 +42,7 @@ class Report:
     layers: list[dict]                     # per converted/listed layer
     eval_images: int = 0
     stages: dict = field(default_factory=dict)  # calibration / fine-tuning summaries, when run
+    threads_note: str | None = None        # why latency was timed with fewer threads than usual
 
     @property
     def speedup(self) -> dict:
@@ -75,6 +77,8 @@ class Report:
                      for b, x in per.items()]
             where = f"{dev} ({_threads(self.threads)})" if dev in ("cpu", "onnxruntime") else dev
             lines.append(f"measured speedup on {where}: " + ", ".join(parts))
+        if self.threads_note:
+            lines.append(f"note: {self.threads_note}")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -84,7 +88,7 @@ class Report:
         out = [f"# leanconv report: {self.model}, recipe `{self.recipe}`", "",
                f"Input {'x'.join(map(str, self.input_size))}. MACs are multiply-adds per image "
                f"(1 MAC = 2 FLOPs). Latency: median of interleaved runs after warm-up, "
-               f"{_threads(self.threads)} on CPU.", "",
+               f"{_threads(self.threads)} on CPU" + (f" ({self.threads_note})" if self.threads_note else "") + ".", "",
                "| | original | converted | ratio |", "|---|---|---|---|",
                f"| MACs | {human(o.macs)} | {human(c.macs)} | {s['macs']:.2f}x fewer |",
                f"| params | {human(o.params)} | {human(c.params)} | {s['params']:.2f}x fewer |",
@@ -165,7 +169,9 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
 
     shape = tuple(plan.input_shape)
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
-    threads = threads or torch.get_num_threads()
+    note = None
+    if not threads:
+        threads, note = timing_threads()
     lat: dict[str, dict[str, dict[int, float]]] = {"original": {}, "converted": {}}
     steps = [(d, b) for d in devices for b in batches]
     for dev, b in tqdm(steps, desc="latency", disable=not progress, leave=False):
@@ -194,7 +200,7 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
     o = Figures(plan.macs_before, plan.params_before, *top["original"], lat["original"])
     c = Figures(plan.macs_after, plan.params_after, *top["converted"], lat["converted"])
     return Report(model_name, plan.recipe, list(shape), o, c, agreement, kl, threads,
-                  layer_rows(plan, calibration), n, stages or {})
+                  layer_rows(plan, calibration), n, stages or {}, note)
 
 
 def write_report(report: Report, directory: str | Path) -> list[Path]:
