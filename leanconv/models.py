@@ -26,12 +26,14 @@ from leanconv.errors import ModelError
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _NAME = re.compile(r"[A-Za-z_][\w.\-]*")          # torchvision / timm model names (timm's may hold '.' and '-')
 BUILTIN_KINDS = ("torchvision", "timm")
-_LEANCONV_BUILDERS: set[Callable] = set()
+BUILDER_MODULES = ("leanconv.demo.teacher",)   # leanconv's modules that define @builtin_builder functions
+_LEANCONV_BUILDERS: set[str] = set()            # their specs, 'module:name'
 
 
 def builtin_builder(fn: Callable) -> Callable:
-    """Mark a leanconv model builder (e.g. the demo's teacher) as safe to call from a saved directory."""
-    _LEANCONV_BUILDERS.add(fn)
+    """Mark a leanconv model builder (e.g. the demo's teacher) as safe to call from a saved directory;
+    its module must be listed in ``BUILDER_MODULES``."""
+    _LEANCONV_BUILDERS.add(f"{fn.__module__}:{fn.__qualname__}")
     return fn
 
 
@@ -155,12 +157,10 @@ def check_trusted(source: ModelSource, trust: bool | str, origin: str) -> None:
 
 
 def _is_leanconv_builder(module: str, name: str) -> bool:
-    if module != "leanconv" and not module.startswith("leanconv."):
+    if module not in BUILDER_MODULES:  # never import a module a file names, not even one of leanconv's
         return False
-    try:  # leanconv's own modules: importing them runs nothing but definitions
-        return getattr(importlib.import_module(module), name, None) in _LEANCONV_BUILDERS
-    except ImportError:
-        return False
+    importlib.import_module(module)  # registers its builders
+    return f"{module}:{name}" in _LEANCONV_BUILDERS
 
 
 def _check_kwargs(kwargs: dict, origin: str) -> None:
@@ -329,8 +329,9 @@ def apply_state_dict(model: nn.Module, sd: dict[str, Tensor], origin: str = "che
             parts.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:2])})")
         if dtypes:
             parts.append(f"{len(dtypes)} of another kind of dtype (e.g. {'; '.join(dtypes[:2])})")
-        raise ModelError(f"{origin} does not fit the model: " + ", ".join(parts) +
-                         ". Check --model and its arguments (e.g. num_classes)")
+        hint = "Check --model and its arguments (e.g. num_classes)" if missing or unexpected or shapes else \
+            "Save the checkpoint with floating-point weights, as the model has them"
+        raise ModelError(f"{origin} does not fit the model: " + ", ".join(parts) + f". {hint}")
     model.load_state_dict(sd, strict=True)
 
 

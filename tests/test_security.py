@@ -138,6 +138,9 @@ def test_a_factory_named_in_sweep_or_run_records_is_not_run(tmp_path, capsys):
     ({"spec": "torchvision:resnet18", "kwargs": ["x"]}, "kwargs must be an object"),
     ({"spec": 5}, "string 'spec'"),
     ({"spec": ".foo:bar"}, "must look like"),
+    ({"spec": "leanconv.cli:main", "kwargs": {"argv": ["recipes"]}}, "--trust-source"),  # leanconv's, not a builder
+    ({"spec": "leanconv.__main__:main"}, "--trust-source"),  # never imported: importing it would run the CLI
+    ({"spec": "leanconv.demo.teacher:train_classifier"}, "--trust-source"),
 ])
 def test_a_builtin_source_from_a_file_is_checked_before_it_is_built(tmp_path, saved, source, message):
     if source["spec"] == "timm:resnet18":
@@ -415,6 +418,16 @@ def test_a_damaged_manifest_is_one_clear_error(tmp_path, saved, edit, message, c
     _one_line(capsys)
 
 
+@pytest.mark.parametrize("multiplier, message", [(1_000_000_000, "more than 65536"), (1000, "does not fit"),
+                                                 (1.5, "cannot be built"), ("4", "cannot be built")])
+def test_an_unravel_multiplier_edited_in_a_manifest_is_refused(tmp_path, multiplier, message):
+    model, plan = _convert("unravel-b4")
+    leanconv.save(model, plan, tmp_path / "m")
+    _edit_manifest(tmp_path / "m", lambda m: _layer0(m).update(multiplier=multiplier))
+    with pytest.raises(ModelError, match=message):
+        leanconv.load(tmp_path / "m")
+
+
 def test_absurd_sizes_are_refused_without_allocating(tmp_path, saved):
     """With 4 GB of address space to spare: a manifest asking for a 4-billion-channel layer (16 GB of depthwise
     weights) or a billion-class head is refused from the weight file's header, before any of it is allocated."""
@@ -457,6 +470,22 @@ def test_a_damaged_run_json_is_one_clear_error(tmp_path, record, message, capsys
     (d / "run.json").write_text(json.dumps(record))
     assert main(["report", str(d)]) == 2
     _one_line(capsys, message)
+
+
+def test_a_user_factory_in_a_sweep_runs_only_when_trusted(tmp_path):
+    from leanconv.sweep import sweep_runs
+
+    run = {"source": {"spec": "test_security:tiny_net", "kwargs": {"width": 8}},
+           "recipe": leanconv.get_recipe("sic-m2").to_dict(), "data": "fashion-mnist", "dir": "sic-m2",
+           "input_size": 16, "in_chans": 1, "select": None, "target_macs": None, "train_images": 8, "eval_images": 8,
+           "report_batches": [1], "latency_budget_s": 0.1, "calibrate": False, "seed": 0}
+    (tmp_path / "sweep.json").write_text(json.dumps({"format": "leanconv-sweep/1", "status": "running",
+                                                     "recipes": ["sic-m2"], "runs": [run]}))
+    with pytest.raises(ModelError, match="test_security:tiny_net"):
+        sweep_runs(tmp_path)
+    for trust in (True, "test_security:tiny_net"):
+        (cfg,) = sweep_runs(tmp_path, trust_source=trust)
+        assert cfg.source.spec == "test_security:tiny_net" and cfg.out == tmp_path / "sic-m2"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -567,6 +596,23 @@ def test_a_corrupt_image_is_named(tmp_path, capsys):
                "3", "--out", str(tmp_path / "o")])
     assert rc == 2
     _one_line(capsys, f"cannot read image {bad}", "remove or replace the file")
+
+
+def test_a_corrupt_image_read_by_a_worker_process_is_still_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from leanconv.cli import _say
+    from leanconv.data import image_folder
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "a" / "good.png")
+    (tmp_path / "a" / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    data = torch.utils.data.DataLoader(image_folder(tmp_path, 16), batch_size=2, num_workers=1)
+    with pytest.raises(leanconv.DataError) as e:
+        next(iter(data))
+    _say("leanconv run", "error", e.value, debug=False)
+    line = _one_line(capsys, "leanconv run: error: cannot read image", "zz.png")
+    assert "Caught" not in line and "DataError:" not in line
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
