@@ -60,11 +60,6 @@ class ModelSource:
                              f"or 'package.module:factory' (an importable module, then the factory's name)")
         return kind, name
 
-    @property
-    def is_factory(self) -> bool:
-        """True for a ``package.module:factory`` spec (code of the user's), False for a registry's name."""
-        return self.spec.partition(":")[0] not in BUILTIN_KINDS
-
     def build(self, with_weights: bool = True) -> nn.Module:
         """Build the model; with ``with_weights``, also load its weights / checkpoint.
 

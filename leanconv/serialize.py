@@ -227,16 +227,17 @@ def save(model: nn.Module, plan: ConversionPlan, directory: str | os.PathLike,
         try:
             write_json(d / MANIFEST, manifest, durable=True)  # the commit: from here on, the new model
         except BaseException:
-            if name != old:
+            if name != old and _previous_weights(d) != name:  # (a signal may land just after the rename)
                 (d / name).unlink(missing_ok=True)
             raise
         _fsync_dir(d)
         write_json(d / PLAN, plan.to_dict())
-        ours = old == WEIGHTS or not (d / WEIGHTS).exists()  # never replace a model.safetensors of someone else's
+        # a model.safetensors beside a manifest is ours; beside none, it may be someone else's: keep it
+        ours = old is not None or not (d / WEIGHTS).exists()
         if ours and _link_as(d / name, d / WEIGHTS):  # the usual name again; the manifest names a whole file throughout
             write_json(d / MANIFEST, {**manifest, "weights": {**manifest["weights"], "file": WEIGHTS}}, durable=True)
             name = WEIGHTS
-        _remove_stale(d, keep=name, old=old)
+        _remove_stale(d, keep=name, ours=ours)
     return d
 
 
@@ -261,11 +262,11 @@ def _previous_weights(d: Path) -> str | None:
         return None
 
 
-def _remove_stale(d: Path, keep: str, old: str | None) -> None:
-    """The previous model's weights and leftovers of interrupted saves (only our own names)."""
+def _remove_stale(d: Path, keep: str, ours: bool) -> None:
+    """The previous model's weights and leftovers of interrupted saves (only names leanconv writes)."""
     for p in d.iterdir():
-        ours = p.name == old or _HASHED_WEIGHTS.fullmatch(p.name) or _OUR_TEMPS.fullmatch(p.name)
-        if ours and p.name != keep:
+        stale = _HASHED_WEIGHTS.fullmatch(p.name) or _OUR_TEMPS.fullmatch(p.name) or (ours and p.name == WEIGHTS)
+        if stale and p.name != keep:
             p.unlink(missing_ok=True)
 
 

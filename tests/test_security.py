@@ -160,9 +160,10 @@ def _two_models():
     return (a, plan_a, a.eval()(X).detach()), (b, plan_b, b.eval()(X).detach())
 
 
-def test_an_interrupted_save_leaves_the_old_model_or_the_new_one(tmp_path, monkeypatch):
-    """Interrupt the save at every file operation in turn: the directory always loads, as A or as B,
-    with the matching plan, and no file of the other is left once a save completes."""
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupted_save_leaves_the_old_model_or_the_new_one(tmp_path, monkeypatch, when):
+    """Interrupt the save just before, or just after, each rename or link in turn: the directory always
+    loads, as A or as B, with the matching plan, and no file of the other is left once a save completes."""
     (a, plan_a, out_a), (b, plan_b, out_b) = _two_models()
     real_replace, real_link = os.replace, os.link
     seen = {"a": 0, "b": 0}
@@ -174,9 +175,12 @@ def test_an_interrupted_save_leaves_the_old_model_or_the_new_one(tmp_path, monke
         def counted(real):
             def op(*args, **kw):
                 calls[0] += 1
+                if calls[0] == k and when == "before":
+                    raise KeyboardInterrupt
+                result = real(*args, **kw)
                 if calls[0] == k:
                     raise KeyboardInterrupt
-                return real(*args, **kw)
+                return result
             return op
 
         monkeypatch.setattr(os, "replace", counted(real_replace))
