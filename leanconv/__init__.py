@@ -1,7 +1,7 @@
 """leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
 from leanconv.calibrate import CalibrationConfig, CalibrationReport, calibrate
 from leanconv.convert import convert
-from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError
+from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError, OutputError
 from leanconv.finetune import CheckpointError, FinetuneConfig, FinetuneResult, Interrupted, finetune
 from leanconv.models import ModelSource
 from leanconv.optimize import implementation_choices, optimize
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = ["CalibrationConfig", "CalibrationReport", "CheckpointError", "ConfigError", "ConversionPlan", "DataError",
            "FinetuneConfig", "FinetuneResult", "Interrupted", "LayerPlan", "LeanconvError", "ModelError",
-           "ModelSource", "NumericalError", "Recipe", "calibrate", "convert", "finetune", "get_recipe",
+           "ModelSource", "NumericalError", "OutputError", "Recipe", "calibrate", "convert", "finetune", "get_recipe",
            "implementation_choices", "list_recipes", "load", "load_plan", "optimize", "save"]

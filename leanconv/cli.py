@@ -15,6 +15,38 @@ from leanconv.measure.timing import ask_threads
 COMMANDS: dict[str, tuple] = {}
 
 
+def _number(kind, low, strict: bool, what: str):
+    """An argparse type: a ``kind`` number above ``low`` (``strict``) or at least ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or (value <= low if strict else value < low):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 1, False, "a whole number")       # 1, 2, ...
+count_int = _number(int, 0, False, "a whole number")           # 0, 1, ...
+positive_float = _number(float, 0.0, True, "a number")         # > 0
+nonneg_float = _number(float, 0.0, False, "a number")          # >= 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-source", nargs="?", const=True, default=False, metavar="SPEC",
+                   help="let the directory's base model be built by the package.module:factory it names (runs "
+                        "that code); with SPEC, only that factory. Not needed for torchvision:/timm: models")
+
+
 def command(name: str, help: str):
     """Register ``fn(args)`` as a subcommand, with ``setup(parser)`` adding its arguments."""
     def wrap(setup):
@@ -37,8 +69,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     w = g.add_mutually_exclusive_group()
     w.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2")
     w.add_argument("--checkpoint", help="state-dict file (.safetensors or torch, loaded weights-only)")
-    g.add_argument("--input-size", type=int, default=224, help="square input size (default 224)")
-    g.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
+    g.add_argument("--input-size", type=positive_int, default=224, help="square input size (default 224)")
+    g.add_argument("--in-chans", type=positive_int, default=3, help="input channels (default 3)")
 
 
 def add_select_args(p: argparse.ArgumentParser) -> None:
@@ -47,13 +79,13 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
                    help="convert only convs whose name matches (fnmatch, repeatable)")
     g.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="never convert convs whose name matches (repeatable)")
-    g.add_argument("--min-channels", type=int, default=None, help="skip convs with fewer channels")
+    g.add_argument("--min-channels", type=count_int, default=None, help="skip convs with fewer channels")
     g.add_argument("--convert-first", action="store_true", help="also convert the network's first conv")
     g.add_argument("--skip-strided", action="store_true", help="keep convs with stride > 1")
-    g.add_argument("--min-speedup", type=float, default=None, metavar="X",
+    g.add_argument("--min-speedup", type=positive_float, default=None, metavar="X",
                    help="time each replacement against its conv on this machine (both optimized) and keep "
                         "the conv unless the replacement is at least X times faster, e.g. 1.1")
-    g.add_argument("--speed-batch", type=int, default=None, metavar="B",
+    g.add_argument("--speed-batch", type=positive_int, default=None, metavar="B",
                    help="batch size of those timings (default: the example's, 1)")
 
 
@@ -114,6 +146,8 @@ def _setup_convert(p):
     add_select_args(p)
     add_calibrate_args(p)
     p.add_argument("--out", required=True, help="directory for the converted model and plan.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in --out (never a run's or a sweep's directory)")
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
@@ -121,8 +155,9 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate", metavar="DATASPEC",
                    help="calibrate on images from fashion-mnist[:PATH] or imagefolder:PATH (its train/ split; "
                         "val/ holds the held-out images when present); writes calibration.json")
-    g.add_argument("--calib-images", type=int, default=None, metavar="N", help="calibration images (recipe's default)")
-    g.add_argument("--calib-batch", type=int, default=None, metavar="B", help="images per forward pass")
+    g.add_argument("--calib-images", type=positive_int, default=None, metavar="N",
+                   help="calibration images (recipe's default)")
+    g.add_argument("--calib-batch", type=positive_int, default=None, metavar="B", help="images per forward pass")
     g.add_argument("--calib-mode", choices=["cascaded", "parallel"], default=None,
                    help="cascaded: inputs from the converted network; parallel: both from the original")
 
@@ -145,26 +180,53 @@ def calibration_setup(args, recipe):
 @command("convert", "convert a model's dense convs and save it with its plan")(_setup_convert)
 def cmd_convert(args) -> int:
     import leanconv
+    from leanconv.serialize import locked, write_json
 
     recipe = leanconv.get_recipe(args.recipe)
     calib = calibration_setup(args, recipe) if args.calibrate else None  # bad data fails before the work
     source = model_source(args)
     model = source.build().eval()
-    converted, plan = leanconv.convert(model, recipe, example_inputs(args), select=selection(args, recipe),
-                                       source=source, progress=True)
-    print(plan.table())
-    files = "plan.json, manifest.json, model.safetensors"
-    if calib is not None:
-        from leanconv.serialize import write_json
-
-        cfg, train, held = calib
-        report = leanconv.calibrate(model, converted, train, cfg, holdout=held)
-        print(f"\n{report}")
-        write_json(Path(args.out) / "calibration.json", report.to_dict())
-        files = "plan.json, calibration.json, manifest.json, model.safetensors"
-    out = leanconv.save(converted, plan, args.out, source)
+    x = example_inputs(args)
+    out = Path(args.out)
+    with locked(out):  # a file, a read-only disk or another job on --out fails here, before the work
+        stale = _check_convert_out(out, args.overwrite)
+        converted, plan = leanconv.convert(model, recipe, x, select=selection(args, recipe), source=source,
+                                           progress=True)
+        print(plan.table())
+        report = None
+        if calib is not None:
+            cfg, train, held = calib
+            report = leanconv.calibrate(model, converted, train, cfg, holdout=held)
+            print(f"\n{report}")
+        for f in stale:  # the previous model's figures: gone before the new model is in
+            f.unlink(missing_ok=True)
+        leanconv.save(converted, plan, out, source)
+        files = "manifest.json, plan.json, model.safetensors"
+        if report is not None:
+            write_json(out / "calibration.json", report.to_dict())
+            files += ", calibration.json"
     print(f"\nsaved to {out}/ ({files})")
     return 0
+
+
+def _check_convert_out(out: Path, overwrite: bool) -> list[Path]:
+    """Refuse an --out that holds a run or a sweep, or a model without --overwrite; the files about
+    the previous model that replacing it makes stale."""
+    from leanconv.errors import OutputError
+    from leanconv.pipeline import RUN_FILE
+    from leanconv.serialize import MANIFEST
+    from leanconv.sweep import SWEEP_FILE
+
+    for name, what in ((RUN_FILE, "run"), (SWEEP_FILE, "sweep")):
+        if (out / name).exists():
+            raise OutputError(f"--out {out} holds a leanconv {what} ({name}); convert does not overwrite it (its "
+                              f"report and checkpoints would no longer match the model): choose another --out")
+    if not (out / MANIFEST).exists():
+        return []
+    if not overwrite:
+        raise OutputError(f"--out {out} already holds a converted model; pass --overwrite to replace it, or "
+                          f"choose another --out")
+    return [out / f for f in ("calibration.json", "report.json", "report.md", "report.png")]
 
 
 @command("recipes", "list the built-in recipes")(lambda p: None)
@@ -191,16 +253,19 @@ def _setup_run(p, recipe: bool = True, required: bool = True):
     p.add_argument("--out", help="run directory (default: the --resume directory)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue an interrupted run (in DIR, or in --out)")
-    p.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (recipe's default; 0 = none)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate (recipe's default)")
-    p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size per process")
-    p.add_argument("--calib-images", type=int, default=None, help="calibration images (recipe's default)")
+    p.add_argument("--epochs", type=nonneg_float, default=None,
+                   help="fine-tuning epochs (recipe's default; 0 = none)")
+    p.add_argument("--lr", type=positive_float, default=None, help="fine-tuning peak learning rate (recipe's default)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="fine-tuning batch size per process")
+    p.add_argument("--calib-images", type=positive_int, default=None, help="calibration images (recipe's default)")
     p.add_argument("--no-calibrate", action="store_true", help="skip calibration (data-free start only)")
-    p.add_argument("--target-macs", type=float, default=None,
+    p.add_argument("--target-macs", type=positive_float, default=None,
                    help="pick per-layer methods for a budget: a fraction of the original's MACs (e.g. 0.3) "
                         "or an absolute count (e.g. 1.2e9)")
-    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N validation images")
+    p.add_argument("--train-images", type=positive_int, default=None,
+                   help="use only the first N training images (default: all)")
+    p.add_argument("--eval-images", type=positive_int, default=None,
+                   help="evaluate on the first N validation images (default: all)")
     p.add_argument("--batches", default="1,32", help="batch sizes of the latency report (default 1,32)")
 
 
@@ -251,8 +316,9 @@ def _setup_sweep(p):
     p.add_argument("--recipes", default=None, metavar="R1,R2,...",
                    help="recipe names or .toml files, comma-separated; each gets its run in OUT/<recipe>/ "
                         "(default when resuming: the sweep's)")
-    p.add_argument("--latency-budget", type=float, default=None, metavar="S",
+    p.add_argument("--latency-budget", type=positive_float, default=None, metavar="S",
                    help="seconds of timing per batch size, for the runs and the sweep table (default 20)")
+    add_trust_arg(p)
 
 
 @command("sweep", "several recipes on one model and data, then a Pareto table and plot of top-1 against "
@@ -266,7 +332,7 @@ def cmd_sweep(args) -> int:
     if not out:
         raise ConfigError("give the sweep directory with --out DIR (or --resume DIR)")
     if args.model is None and args.resume and not args.recipes:
-        runs = sweep_runs(out)  # continue the sweep as it was started
+        runs = sweep_runs(out, trust_source=args.trust_source)  # continue the sweep as it was started
     else:
         if args.model is None or args.data is None or not args.recipes:
             raise ConfigError("give --model, --data and --recipes (or only --resume DIR to continue a sweep)")
@@ -289,7 +355,9 @@ def _setup_report(p):
     p.add_argument("dir", help="a finished run directory, or a `leanconv convert` output directory")
     p.add_argument("--data", default=None, help="validation data for accuracy (default: the run's)")
     p.add_argument("--batches", default=None, help="latency batch sizes (default: the run's, or 1,32)")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N validation images")
+    p.add_argument("--eval-images", type=positive_int, default=None,
+                   help="evaluate on the first N validation images")
+    add_trust_arg(p)
 
 
 @command("report", "measure a run: MACs, params, latency, accuracy; writes report.json/.md/.png")(_setup_report)
@@ -297,7 +365,7 @@ def cmd_report(args) -> int:
     from leanconv.pipeline import report_directory
 
     report = report_directory(args.dir, data=args.data, batches=parse_batches(args.batches) if args.batches else None,
-                              eval_images=args.eval_images)
+                              eval_images=args.eval_images, trust_source=args.trust_source)
     print(report.summary())
     print(f"written: {Path(args.dir) / 'report.json'}, report.md, report.png")
     return 0
@@ -344,14 +412,17 @@ def _setup_export(p):
                      help="keyword argument of the model builder (repeatable)")
     src.add_argument("--weights", help="torchvision weights name")
     src.add_argument("--checkpoint", help="state-dict file for --model")
-    p.add_argument("--input-size", type=int, default=224, help="square input size (default 224)")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
+    add_trust_arg(src)
+    p.add_argument("--input-size", type=positive_int, default=None,
+                   help="square input size (default: the saved plan's with --from, else 224)")
+    p.add_argument("--in-chans", type=positive_int, default=None,
+                   help="input channels (default: the saved plan's with --from, else 3)")
     p.add_argument("--onnx", metavar="FILE", help="write ONNX here (checked against onnxruntime when installed)")
     p.add_argument("--program", metavar="FILE", help="write a torch.export program here (.pt2)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--topo-tiles", action="store_true",
                    help="ONNX: topological layers as tiles of matmuls (default: one dense conv each)")
-    p.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed vs onnxruntime")
+    p.add_argument("--atol", type=nonneg_float, default=1e-4, help="max abs difference allowed vs onnxruntime")
 
 
 @command("export", "export a model, optimized for inference, to ONNX and/or torch.export")(_setup_export)
@@ -364,12 +435,16 @@ def cmd_export(args) -> int:
     if not (args.onnx or args.program):
         raise ConfigError("nothing to write: give --onnx FILE and/or --program FILE")
     if args.run:
-        model = leanconv.load(args.run)
+        model = leanconv.load(args.run, trust_source=args.trust_source)
+        shape = leanconv.load_plan(args.run).input_shape  # (C, H, W) the model was converted at
+        chans, h, w = (shape if len(shape) == 3 else (3, 224, 224))
+        x = torch.randn(1, args.in_chans or chans, args.input_size or h, args.input_size or w,
+                        generator=torch.Generator().manual_seed(0))
     else:
-        args.checkpoint = args.checkpoint if args.checkpoint else None
         model = model_source(args).build()
+        args.input_size, args.in_chans = args.input_size or 224, args.in_chans or 3
+        x = example_inputs(args)
     model.eval()
-    x = example_inputs(args)
     if args.onnx:
         res = export_onnx(model, x, args.onnx, check=not args.no_check, atol=args.atol, topo_tiles=args.topo_tiles)
         diff = "not checked (onnxruntime missing or --no-check)" if res.max_abs_diff is None else \
@@ -385,34 +460,58 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leanconv", description="Convert trained CNNs into cheaper ones.")
+    parser = Parser(prog="leanconv", description="Convert trained CNNs into cheaper ones.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, setup, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         setup(p)
-        p.add_argument("--threads", type=int, default=None, metavar="N",
+        p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="CPU threads for torch (default: torch's, usually one per core); latency figures "
                             "state the count. On a machine shared with other jobs, 1 thread times far more steadily")
+        p.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
         p.set_defaults(func=fn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Exit codes: 0 done, 2 bad input or an output that cannot be written (one line on
+    stderr, its traceback with --debug), 1 another error of the system (one line), 130 interrupted
+    (128 + the signal's number)."""
+    from leanconv.finetune import Interrupted
+
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", module="leanconv")
+    where = f"leanconv {args.command}"
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
             ask_threads(args.threads)
         return args.func(args)
-    except LeanconvError as e:
-        print(f"leanconv {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"leanconv {args.command}: interrupted", file=sys.stderr)
+    except Interrupted as e:
+        _say(where, "interrupted", e, args.debug)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        _say(where, "interrupted", e, args.debug)
         return 130
+    except LeanconvError as e:
+        _say(where, "error", e, args.debug)
+        return 2
+    except OSError as e:  # the system's, not leanconv's: a file that vanished, a failing disk, ...
+        _say(where, "error", e, args.debug)
+        return 1
+
+
+def _say(where: str, what: str, e: BaseException, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    text = str(e).strip()
+    if "\nOriginal Traceback" in text:  # raised in a DataLoader worker: its own message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    elif isinstance(e, OSError) and not isinstance(e, LeanconvError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    print(f"{where}: {what}" + (f": {text}" if text else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

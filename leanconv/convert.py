@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from leanconv.errors import ConfigError, ModelError
+from leanconv.errors import ConfigError, ModelError, NumericalError
 from leanconv.layers.registry import layer_config
 from leanconv.measure.complexity import Complexity, count
 from leanconv.measure.latency import LayerSpeed, layer_speed
@@ -40,8 +40,10 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
     Returns:
         The converted model (same class, convs swapped by qualified name) and its plan.
     Raises:
-        ConfigError: bad recipe or selection. ModelError: the model does not run.
+        ConfigError: bad recipe or selection. ModelError: the model does not run, or is TorchScript.
+        NumericalError: a weight or buffer holds NaN or Inf.
     """
+    check_convertible(model)
     recipe = get_recipe(recipe)
     if example_inputs is None:
         raise ConfigError("convert needs example_inputs, e.g. torch.randn(1, 3, 224, 224)")
@@ -101,6 +103,27 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                           facts.traced, note, dict(recipe.to_dict(), select=sel.to_dict()),  # the selection used
                           source.to_dict() if source else None)
     return target, plan
+
+
+def check_convertible(model: nn.Module) -> None:
+    """Refuse, before any work, a model that cannot be converted meaningfully: TorchScript (its convs
+    are not modules that can be swapped) or non-finite weights (every fit would be NaN).
+
+    Raises:
+        ModelError: a TorchScript module. NumericalError: naming the first tensor with NaN / Inf.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("the model is TorchScript (torch.jit.script / trace); leanconv converts eager nn.Modules: "
+                         "convert the model before scripting it")
+    with torch.no_grad():
+        for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+                    nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+                    layer, _, field = name.rpartition(".")
+                    raise NumericalError(f"layer {layer or '(the model)'!r}: {kind} {field!r} holds {nan} NaN and {inf} "
+                                         f"Inf of {t.numel()} values; leanconv converts only finite networks: check "
+                                         f"the checkpoint or the training that produced it")
 
 
 def _shift(facts: ModelFacts, site: ConvSite, model: nn.Module) -> Tensor | None:

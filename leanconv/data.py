@@ -143,9 +143,24 @@ def image_folder(path: str | os.PathLike, input_size: int = 224, train: bool = F
         tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(input_size),
                                  transforms.ToTensor(), norm])
     try:
-        return datasets.ImageFolder(str(p), transform=tf)
+        return datasets.ImageFolder(str(p), transform=tf, loader=read_image)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"image folder {p} holds no readable images in class subfolders: {e}") from None
+
+
+def read_image(path: str) -> "PIL.Image.Image":  # noqa: F821
+    """An image file as RGB (ImageFolder's loader).
+
+    Raises:
+        DataError: naming the file that is truncated, corrupt or not an image.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
 
 @dataclass(frozen=True)
@@ -157,6 +172,8 @@ class DataSpec:
 
     @classmethod
     def parse(cls, text: str) -> "DataSpec":
+        if not isinstance(text, str):
+            raise DataError(f"a data spec must be a string such as fashion-mnist or imagefolder:PATH, got {text!r:.80}")
         kind, _, path = text.partition(":")
         if kind in ("fashion-mnist", "fashionmnist", "fmnist"):
             return cls("fashion-mnist", path or None)

@@ -22,3 +22,8 @@ class DataError(LeanconvError):
 
 class NumericalError(LeanconvError, FloatingPointError):
     """A NaN or Inf appeared where a finite number is required."""
+
+
+class OutputError(LeanconvError, OSError):
+    """An output that cannot be written: a file where a directory belongs, a read-only or full disk,
+    a directory that another leanconv job is writing, or one that holds work not to be overwritten."""

@@ -32,11 +32,38 @@ def _args(example_inputs: Tensor | tuple) -> tuple:
 
 def prepare(model: nn.Module, example_inputs: Tensor | tuple, optimized: bool, topo_tiles: bool = True) -> nn.Module:
     """The model an exporter sees: optimized (folded, fused, channels_last) unless told not to;
-    without ``topo_tiles`` each topological layer becomes the dense conv it equals."""
+    without ``topo_tiles`` each topological layer becomes the dense conv it equals.
+
+    Raises:
+        ConfigError: example inputs the model does not take (naming the input shape it expects).
+    """
+    check_example(model, example_inputs)
     if not optimized:
         return model.eval()
     m = optimize(model, example_inputs, autotune=False)
     return m if topo_tiles else densify_topology(m)
+
+
+@torch.no_grad()
+def check_example(model: nn.Module, example_inputs: Tensor | tuple) -> None:
+    """Run ``model`` once on the examples; a failure becomes one message naming the input it expects."""
+    args = _args(example_inputs)
+    was = model.training
+    model.eval()
+    try:
+        model(*args)
+    except Exception as e:
+        first = next((m for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if first is not None and x is not None and x.dim() == 4 and x.shape[1] != first.in_channels:
+            c = first.in_channels
+            raise ConfigError(f"the model takes {c}-channel images, input shape (B, {c}, H, W); the example input is "
+                              f"{tuple(x.shape)}: pass --in-chans {c}") from e
+        got = tuple(x.shape) if x is not None else "the example"
+        raise ModelError(f"the model does not run on an input of shape {got}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}; check --input-size and --in-chans") from e
+    finally:
+        model.train(was)
 
 
 def export_program(model: nn.Module, example_inputs: Tensor | tuple, *, optimized: bool = True,
@@ -105,6 +132,9 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple, path: str | os
     try:
         with portable(), torch.no_grad():
             _onnx_export(m, args, tmp, names, opset, dynamic_batch)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600; give it the mode open() would, as other outputs
         os.replace(tmp, path)
     except Exception as e:
         if os.path.exists(tmp):

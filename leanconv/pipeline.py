@@ -6,9 +6,13 @@ Layout of a run directory::
     calibrated/                  the converted, calibrated model (before fine-tuning)
     calibration.json             the calibration report
     finetune/                    fine-tuning checkpoint and metrics (finetune.json)
-    manifest.json, plan.json,    the final model (leanconv.load(DIR))
+    manifest.json, plan.json,    the final model (leanconv.load(DIR); see ``leanconv.serialize``)
     model.safetensors
     report.json, report.md, report.png
+    .leanconv.lock               held (flock) while a job writes the directory
+
+A run that fails on bad input is marked "failed" in run.json: with no stage done it can be started
+again with other settings; otherwise ``--resume`` continues it.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from leanconv.errors import ConfigError, ModelError
-from leanconv.models import ModelSource
+from leanconv.errors import ConfigError, LeanconvError, ModelError
+from leanconv.finetune import Interrupted
+from leanconv.models import ModelSource, check_trusted
 from leanconv.recipes import Recipe, Selection
-from leanconv.serialize import MANIFEST, load, load_plan, read_record, save, write_json
+from leanconv.serialize import MANIFEST, load, load_plan, locked, read_record, require, save, write_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "leanconv-run/1"
@@ -49,6 +54,18 @@ class RunConfig:
     calibrate: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_chans", "train_images", "eval_images"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a whole number of at least 1 (or None for "
+                                  f"{'all images' if name.endswith('images') else 'the default'}), got {v!r}")
+        if not self.report_batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                          for b in self.report_batches):
+            raise ConfigError(f"report_batches must be batch sizes of at least 1, got {self.report_batches!r}")
+        if not self.latency_budget_s > 0:
+            raise ConfigError(f"latency_budget_s must be positive, got {self.latency_budget_s!r}")
+
     def fingerprint(self) -> dict:
         """What must match for ``--resume`` to continue this run."""
         return {"source": self.source.to_dict(), "recipe": self.recipe.to_dict(), "data": self.data,
@@ -63,20 +80,41 @@ def is_main_process() -> bool:
 
 
 def read_run(directory: str | os.PathLike) -> dict:
-    """The run.json of a run directory.
+    """The run.json of a run directory, its fields checked for type.
 
     Raises:
-        ModelError: not a run directory, or a corrupt run.json.
+        ModelError: not a run directory, or a damaged run.json.
     """
-    return read_record(Path(directory) / RUN_FILE, RUN_FORMAT,
-                       f"{directory} is not a leanconv run directory ({RUN_FILE} is missing)")
+    path = Path(directory) / RUN_FILE
+    info = read_record(path, RUN_FORMAT, f"{directory} is not a leanconv run directory ({RUN_FILE} is missing)")
+    require(info, "status", str, path)
+    require(info, "config", dict, path)
+    require(info, "stages", dict, path)
+    return info
 
 
-def _write_run(cfg: RunConfig, status: str, stages: dict) -> None:
+def run_settings(directory: str | os.PathLike, trust_source: bool | str = False) -> tuple[ModelSource, dict]:
+    """The base model's source (checked: see ``check_trusted``) and the settings of a run, from its run.json.
+
+    Raises:
+        ModelError: a damaged run.json, or a source that would run code the user did not trust.
+    """
+    path = Path(directory) / RUN_FILE
+    c = read_run(directory)["config"]
+    source = ModelSource.from_dict(require(c, "source", dict, path), str(path))
+    check_trusted(source, trust_source, str(path))
+    require(c, "data", str, path)
+    for key in ("input_size", "in_chans"):
+        if not 1 <= require(c, key, int, path) <= 65536:
+            raise ModelError(f"{path} is damaged: {key} {c[key]} is out of range")
+    return source, c
+
+
+def _write_run(cfg: RunConfig, status: str, stages: dict, error: str | None = None) -> None:
     if is_main_process():
         write_json(cfg.out / RUN_FILE, {"format": RUN_FORMAT, "status": status, "config": cfg.fingerprint(),
                                         "report_batches": list(cfg.report_batches), "eval_images": cfg.eval_images,
-                                        "stages": stages})
+                                        "stages": stages, **({"error": error} if error else {})})
 
 
 def _start(cfg: RunConfig, resume: bool) -> dict:
@@ -87,8 +125,11 @@ def _start(cfg: RunConfig, resume: bool) -> dict:
             raise ConfigError(f"nothing to resume in {cfg.out} ({RUN_FILE} is missing)")
         return {}
     info = read_run(cfg.out)
+    if info["status"] == "failed" and not info["stages"]:
+        return {}  # it failed before any stage was done: nothing to keep, start again with these settings
     if not resume:
-        raise ConfigError(f"{cfg.out} already holds a run (status {info['status']}); continue it with "
+        failed = f" at: {info.get('error')}" if info["status"] == "failed" else ""
+        raise ConfigError(f"{cfg.out} already holds a run (status {info['status']}{failed}); continue it with "
                           f"--resume or choose another --out")
     old, new = info["config"], cfg.fingerprint()
     diff = sorted(k for k in new if old.get(k) != new[k])
@@ -106,10 +147,10 @@ def datasets(cfg: RunConfig) -> tuple[Dataset, Dataset, Dataset]:
     train = spec.dataset(train=True, input_size=cfg.input_size, channels=cfg.in_chans)
     calib = spec.dataset(train=True, input_size=cfg.input_size, channels=cfg.in_chans, augment=False)
     val = spec.dataset(train=False, input_size=cfg.input_size, channels=cfg.in_chans)
-    if cfg.train_images:
+    if cfg.train_images is not None:
         train, calib = Subset(train, range(min(cfg.train_images, len(train)))), \
             Subset(calib, range(min(cfg.train_images, len(calib))))
-    if cfg.eval_images:
+    if cfg.eval_images is not None:
         val = Subset(val, range(min(cfg.eval_images, len(val))))
     return calib, train, val
 
@@ -120,11 +161,31 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True):
     Under torchrun every process converts and calibrates (the same work, so fine-tuning starts from
     the same weights everywhere); only rank 0 writes files.
 
+    Rank 0 holds the directory's lock for the whole run: a second job on it is refused at once.
+
     Returns:
         The ``Report`` (rank 0) or None (other ranks).
     Raises:
-        LeanconvError subclasses for bad input; ``Interrupted`` after a signal (checkpoint written).
+        LeanconvError subclasses for bad input (the run is then marked failed); ``Interrupted`` after a
+        signal (checkpoint written); OutputError when another job writes the directory.
     """
+    if not is_main_process():
+        return _run(cfg, resume, progress, [])
+    with locked(cfg.out):
+        started: list = []  # filled once run.json is written: a failure after that is recorded there
+        try:
+            return _run(cfg, resume, progress, started)
+        except (Interrupted, KeyboardInterrupt):
+            if started:
+                _write_run(cfg, "interrupted", started[0])
+            raise
+        except LeanconvError as e:
+            if started:
+                _write_run(cfg, "failed", started[0], str(e))
+            raise
+
+
+def _run(cfg: RunConfig, resume: bool, progress: bool, started: list):
     import leanconv
     from leanconv.report import build_report, write_report
 
@@ -135,6 +196,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True):
     example = torch.randn(1, cfg.in_chans, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0))
     calibrated = cfg.out / "calibrated"
     _write_run(cfg, "running", stages)
+    started.append(stages)
     if "calibrate" in stages and (calibrated / MANIFEST).is_file():
         converted, plan = load(calibrated, base=cfg.source.build(with_weights=False)), load_plan(calibrated)
         converted.train()
@@ -184,8 +246,7 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True):
         return None
     save(converted, plan, cfg.out, cfg.source)
     _write_run(cfg, "reporting", stages)
-    calibration = json.loads((cfg.out / "calibration.json").read_text()) \
-        if (cfg.out / "calibration.json").is_file() else None
+    calibration = _read_calibration(cfg.out)
     report = build_report(original, converted, plan, model_name=cfg.source.spec, data=val,
                           batches=cfg.report_batches, calibration=calibration, stages=stages,
                           latency_budget_s=cfg.latency_budget_s, progress=progress)
@@ -195,11 +256,14 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True):
 
 
 def report_directory(directory: str | os.PathLike, *, data: str | None = None, batches: tuple[int, ...] | None = None,
-                     eval_images: int | None = None, progress: bool = True):
+                     eval_images: int | None = None, progress: bool = True, trust_source: bool | str = False):
     """Measure and write the report of a finished run, or of a ``leanconv convert`` output directory.
 
+    Args:
+        trust_source: let a ``package.module:factory`` named in the directory run (see ``leanconv.load``).
     Raises:
-        ModelError: not a run or model directory, or a run that has not finished.
+        ModelError: not a run or model directory, a run that has not finished, damaged files, or a
+            factory that is not trusted.
     """
     from leanconv.report import build_report, write_report
 
@@ -207,16 +271,20 @@ def report_directory(directory: str | os.PathLike, *, data: str | None = None, b
     if not d.is_dir():
         raise ModelError(f"{d} does not exist; give a run directory (leanconv run --out) or a converted model "
                          f"directory (leanconv convert --out)")
+    if eval_images is not None and eval_images < 1:
+        raise ConfigError(f"eval_images must be at least 1 (or None for all), got {eval_images}")
     if (d / RUN_FILE).is_file():
         info = read_run(d)
         if info["status"] != "finished":
             raise ModelError(f"the run in {d} has not finished (status: {info['status']}); continue it with "
                              f"`leanconv run ... --resume --out {d}`")
-        c = info["config"]
-        source = ModelSource.from_dict(c["source"])
+        source, c = run_settings(d, trust_source)
         data = data or c["data"]
-        batches = batches or tuple(info.get("report_batches", (1, 32)))
-        eval_images = eval_images or info.get("eval_images")
+        saved = info.get("report_batches")
+        batches = batches or (tuple(saved) if isinstance(saved, list) and saved and
+                              all(isinstance(b, int) and b >= 1 for b in saved) else (1, 32))
+        saved = info.get("eval_images")
+        eval_images = eval_images or (saved if isinstance(saved, int) and saved >= 1 else None)
         size, chans = c["input_size"], c["in_chans"]
     else:
         from leanconv.serialize import read_manifest
@@ -224,22 +292,40 @@ def report_directory(directory: str | os.PathLike, *, data: str | None = None, b
         manifest = read_manifest(d)
         if not manifest.get("source"):
             raise ModelError(f"{d} was saved without a model source, so the original cannot be rebuilt")
-        source = ModelSource.from_dict(manifest["source"])
-        plan0 = load_plan(d)
-        chans, size = plan0.input_shape[0], plan0.input_shape[-1]
+        source = ModelSource.from_dict(manifest["source"], str(d / MANIFEST))
+        check_trusted(source, trust_source, str(d / MANIFEST))
+        shape = load_plan(d).input_shape
+        if len(shape) != 3 or not all(isinstance(v, int) and 1 <= v <= 65536 for v in shape):
+            raise ModelError(f"{d / MANIFEST} is damaged: the plan's input shape {shape!r:.80} is not (C, H, W)")
+        chans, size = shape[0], shape[-1]
         batches = batches or (1, 32)
-    plan = load_plan(d)
-    converted = load(d)
-    original = source.build().eval()
-    val = None
-    if data:
-        from leanconv.data import DataSpec
+    with locked(d):
+        plan = load_plan(d)
+        converted = load(d, base=source.build(with_weights=False))  # the source is checked above
+        original = source.build().eval()
+        val = None
+        if data:
+            from leanconv.data import DataSpec
 
-        val = DataSpec.parse(data).dataset(train=False, input_size=size, channels=chans)
-        if eval_images:
-            val = Subset(val, range(min(eval_images, len(val))))
-    calibration = json.loads((d / "calibration.json").read_text()) if (d / "calibration.json").is_file() else None
-    report = build_report(original, converted, plan, model_name=source.spec, data=val, batches=batches,
-                          calibration=calibration, progress=progress)
-    write_report(report, d)
+            val = DataSpec.parse(data).dataset(train=False, input_size=size, channels=chans)
+            if eval_images:
+                val = Subset(val, range(min(eval_images, len(val))))
+        calibration = _read_calibration(d)
+        report = build_report(original, converted, plan, model_name=source.spec, data=val, batches=batches,
+                              calibration=calibration, progress=progress)
+        write_report(report, d)
     return report
+
+
+def _read_calibration(d: Path) -> dict | None:
+    path = d / "calibration.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is unreadable or corrupt: {e}") from None
+    layers = info.get("layers", []) if isinstance(info, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):
+        raise ModelError(f"{path} is damaged: not a calibration report")
+    return info

@@ -20,12 +20,12 @@ from typing import Sequence
 
 import torch
 
-from leanconv.errors import ConfigError, ModelError
-from leanconv.models import ModelSource
+from leanconv.errors import ConfigError, LeanconvError, ModelError
+from leanconv.models import ModelSource, check_trusted
 from leanconv.pipeline import RUN_FILE, RunConfig, is_main_process, read_run, run
 from leanconv.plan import human
 from leanconv.recipes import Recipe, Selection, get_recipe
-from leanconv.serialize import atomic_write, read_record, write_json
+from leanconv.serialize import atomic_write, locked, read_record, write_json
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "leanconv-sweep/1"
@@ -164,13 +164,31 @@ def run_to_dict(cfg: RunConfig) -> dict:
             "calibrate": cfg.calibrate, "seed": cfg.seed}
 
 
-def run_from_dict(d: dict, directory: Path) -> RunConfig:
-    """The inverse of ``run_to_dict``, for a sweep in ``directory``."""
-    return RunConfig(ModelSource.from_dict(d["source"]), Recipe.from_dict(d["recipe"]), d["data"],
-                     directory / d["dir"], d["input_size"], d["in_chans"],
-                     Selection.from_dict(d["select"]) if d.get("select") else None, d.get("target_macs"),
-                     d.get("train_images"), d.get("eval_images"), tuple(d["report_batches"]),
-                     d["latency_budget_s"], d["calibrate"], d["seed"])
+def run_from_dict(d: dict, directory: Path, trust_source: bool | str = False) -> RunConfig:
+    """The inverse of ``run_to_dict``, for a sweep in ``directory`` (read from its sweep.json).
+
+    Args:
+        trust_source: let a ``package.module:factory`` source run (see ``check_trusted``).
+    Raises:
+        ModelError: a damaged entry (naming sweep.json), or an untrusted factory.
+    """
+    where = str(directory / SWEEP_FILE)
+    try:
+        source = ModelSource.from_dict(d["source"], where)
+        check_trusted(source, trust_source, where)
+        name = d["dir"]
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise ModelError(f"{where} is damaged: run directory {name!r:.80} is not a name inside the sweep")
+        return RunConfig(source, Recipe.from_dict(d["recipe"]), d["data"], directory / name, d["input_size"],
+                         d["in_chans"], Selection.from_dict(d["select"]) if d.get("select") else None,
+                         d.get("target_macs"), d.get("train_images"), d.get("eval_images"),
+                         tuple(d["report_batches"]), d["latency_budget_s"], d["calibrate"], d["seed"])
+    except LeanconvError as e:
+        if str(e).startswith(where):
+            raise
+        raise ModelError(f"{where} is damaged: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"{where} is damaged: a run's settings are incomplete ({type(e).__name__}: {e})") from None
 
 
 def read_sweep(directory: str | os.PathLike) -> dict:
@@ -182,15 +200,21 @@ def read_sweep(directory: str | os.PathLike) -> dict:
     path = Path(directory) / SWEEP_FILE
     info = read_record(path, SWEEP_FORMAT,
                        f"{directory} is not a leanconv sweep directory ({SWEEP_FILE} is missing)")
-    if not isinstance(info.get("runs"), list):
+    if not isinstance(info.get("runs"), list) or not all(isinstance(r, dict) for r in info["runs"]):
         raise ModelError(f"{path} lists no runs")
     return info
 
 
-def sweep_runs(directory: str | os.PathLike) -> list[RunConfig]:
-    """The runs of the sweep in ``directory``, as it was started (to resume it with no other arguments)."""
+def sweep_runs(directory: str | os.PathLike, trust_source: bool | str = False) -> list[RunConfig]:
+    """The runs of the sweep in ``directory``, as it was started (to resume it with no other arguments).
+
+    Args:
+        trust_source: let a ``package.module:factory`` named in sweep.json run (see ``leanconv.load``).
+    Raises:
+        ModelError: a damaged sweep.json, or a factory that is not trusted.
+    """
     d = Path(directory)
-    return [run_from_dict(r, d) for r in read_sweep(d)["runs"]]
+    return [run_from_dict(r, d, trust_source) for r in read_sweep(d)["runs"]]
 
 
 def get_recipes(recipes: Sequence[str | Recipe]) -> list[Recipe]:
@@ -263,6 +287,14 @@ def sweep(runs: Sequence[RunConfig], out: str | os.PathLike, *, resume: bool = F
     d = Path(out)
     runs = [dataclasses.replace(c, out=d / c.recipe.name) for c in runs]
     _check(runs)
+    if not is_main_process():
+        return _sweep(runs, d, resume, progress, latency_budget_s)
+    with locked(d):
+        return _sweep(runs, d, resume, progress, latency_budget_s)
+
+
+def _sweep(runs: list[RunConfig], d: Path, resume: bool, progress: bool,
+           latency_budget_s: float | None) -> SweepResult | None:
     if (d / SWEEP_FILE).exists() and not resume:
         raise ConfigError(f"{d} already holds a sweep; continue it with --resume or choose another --out")
     if resume and not (d / SWEEP_FILE).exists():
@@ -316,13 +348,17 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
         if info["status"] != "finished":
             raise ModelError(f"the run in {cfg.out} has not finished (status: {info['status']}); continue the "
                              f"sweep with --resume")
-        reports[cfg.recipe.name] = json.loads((cfg.out / "report.json").read_text())
+        try:
+            reports[cfg.recipe.name] = json.loads((cfg.out / "report.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{cfg.out / 'report.json'} is unreadable or corrupt ({e}); make it again with "
+                             f"`leanconv report {cfg.out}`") from None
     first = runs[0]
     torch.manual_seed(first.seed)
     shape = (first.in_chans, first.input_size, first.input_size)
     models = {ORIGINAL: first.source.build().eval()}
-    for cfg in runs:
-        models[cfg.recipe.name] = leanconv.load(cfg.out).eval()
+    for cfg in runs:  # the runs' source is the sweep's (given or trusted), whatever their manifests say
+        models[cfg.recipe.name] = leanconv.load(cfg.out, base=cfg.source.build(with_weights=False)).eval()
     budget = latency_budget_s if latency_budget_s is not None else first.latency_budget_s
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     threads, _ = timing_threads()  # fewer when other processes keep cores busy

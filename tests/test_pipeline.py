@@ -164,3 +164,52 @@ def test_a_failed_onnxruntime_measurement_is_a_warning_not_a_failed_report(monke
                            progress=False, onnxruntime=True)
     assert set(rep.converted.latency_ms) == {"cpu"}
     assert "onnxruntime" not in rep.to_markdown()
+
+
+def _cli_args(cfg: RunConfig) -> list[str]:
+    s = cfg.source
+    return ["run", "--model", s.spec, "--model-arg", "width=8", "--checkpoint", s.checkpoint, "--input-size", "28",
+            "--in-chans", "1", "--data", "fashion-mnist", "--train-images", "128", "--eval-images", "64",
+            "--calib-images", "16", "--epochs", "1", "--batch-size", "32", "--batches", "1", "--no-calibrate",
+            "--out", str(cfg.out)]
+
+
+def test_sigint_during_fine_tuning_exits_130_and_resume_finishes(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    cfg = _config(tmp_path)
+    real = leanconv.finetune
+
+    def interrupted(*args, **kw):
+        def kill(info):
+            if info.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled by the loop
+        return real(*args, **kw, on_step=kill)
+
+    monkeypatch.setattr(leanconv, "finetune", interrupted)
+    assert main(_cli_args(cfg)) == 130
+    err = [l for l in capsys.readouterr().err.splitlines() if "leanconv run:" in l]
+    assert err == [err[0]] and "interrupted by SIGINT" in err[0] and "--resume" in err[0]
+    assert json.loads((cfg.out / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(leanconv, "finetune", real)
+    assert main([*_cli_args(cfg), "--resume"]) == 0
+    assert json.loads((cfg.out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_run_that_failed_before_any_stage_can_be_run_again(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+
+    def refuse(*args, **kw):
+        raise ConfigError("per-layer choice for 'x', which is not a selected conv of the model")
+
+    monkeypatch.setattr(leanconv, "convert", refuse)
+    with pytest.raises(ConfigError, match="per-layer choice"):
+        run(cfg, progress=False)
+    info = json.loads((cfg.out / "run.json").read_text())
+    assert info["status"] == "failed" and "per-layer choice" in info["error"] and not info["stages"]
+    monkeypatch.undo()
+    changed = dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, finetune=dataclasses.replace(
+        cfg.recipe.finetune, epochs=0.0)))  # other settings: nothing was done, so nothing to keep
+    run(changed, progress=False)
+    assert json.loads((cfg.out / "run.json").read_text())["status"] == "finished"

@@ -8,6 +8,7 @@ import torchvision
 import leanconv
 from leanconv.errors import ModelError
 from leanconv.models import ModelSource, apply_state_dict, load_state_dict_file
+from leanconv.serialize import weights_file
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,9 @@ def test_load_errors(tmp_path, converted):
         leanconv.load(tmp_path / "empty")
     model, plan = converted
     leanconv.save(model, plan, tmp_path / "run")
-    w = tmp_path / "run" / "model.safetensors"
+    w = weights_file(tmp_path / "run")
     w.write_bytes(w.read_bytes()[:1000])
-    with pytest.raises(ModelError, match="corrupt"):
+    with pytest.raises(ModelError, match="changed or damaged"):
         leanconv.load(tmp_path / "run")
     (tmp_path / "run" / "manifest.json").write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from leanconv.models import builtin_builder
+
 
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block: two 3x3 conv-BN pairs and a shortcut."""
@@ -53,6 +55,7 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+@builtin_builder
 def fmnist_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 32) -> SmallResNet:
     """The demo teacher (model spec ``leanconv.demo.teacher:fmnist_resnet``)."""
     return SmallResNet(num_classes, in_chans, (width, 2 * width, 4 * width))

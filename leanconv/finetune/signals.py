@@ -17,6 +17,11 @@ class Interrupted(LeanconvError):
         super().__init__(message)
         self.signum = signum
 
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for death by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGINT)
+
 
 class StopRequests:
     """A context that turns the first SIGINT / SIGTERM into a request (``requested``) instead of death.
