@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from leanconv.errors import ConfigError, LeanconvError
+from leanconv.measure.timing import ask_threads
 
 COMMANDS: dict[str, tuple] = {}
 
@@ -68,8 +69,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     w = g.add_mutually_exclusive_group()
     w.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2")
     w.add_argument("--checkpoint", help="state-dict file (.safetensors or torch, loaded weights-only)")
-    g.add_argument("--input-size", type=positive_int, default=224, help="square input size (default 224)")
-    g.add_argument("--in-chans", type=positive_int, default=3, help="input channels (default 3)")
+    g.add_argument("--input-size", type=positive_int, default=None,
+                   help="square input size (default: the data's, e.g. 28 for fashion-mnist; else 224)")
+    g.add_argument("--in-chans", type=positive_int, default=None,
+                   help="input channels (default: the model's first conv's; else the data's, else 3)")
 
 
 def add_select_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +109,35 @@ def model_source(args):
 
     return ModelSource(args.model, parse_kv(args.model_arg), args.weights,
                        str(Path(args.checkpoint).resolve()) if args.checkpoint else None)
+
+
+def resolve_input(args, source, data: str | None) -> None:
+    """Fill ``args.input_size`` / ``args.in_chans`` left unset: the size from the data (Fashion-MNIST's
+    28, else 224), the channels from the model's first conv (built on the meta device: no memory, no
+    weights), else from the data, else 3. Also says when a torchvision or timm model has no weights."""
+    from leanconv.data import DataSpec
+
+    chans, size = DataSpec.parse(data).native_input() if data else (None, None)
+    if args.input_size is None:
+        args.input_size = size or 224
+    if args.in_chans is None:
+        args.in_chans = _model_channels(source) or chans or 3
+    untrained = source.spec.partition(":")[0] in ("torchvision", "timm") and not (source.weights or source.checkpoint)
+    if untrained and not getattr(args, "noted_untrained", False):  # once, not once per recipe of a sweep
+        args.noted_untrained = True
+        print(f"note: {source.spec} has no --weights or --checkpoint: it is randomly initialized, so the "
+              f"converted network computes nothing useful (fine for trying leanconv out)")
+
+
+def _model_channels(source) -> int | None:
+    """Input channels of the model's first conv, or None when that cannot be told cheaply."""
+    try:
+        with torch.device("meta"):
+            model = source.build(with_weights=False)
+    except Exception:  # the real build reports problems with the model itself, in one line
+        return None
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first.in_channels if first is not None else None
 
 
 def example_inputs(args) -> torch.Tensor:
@@ -182,8 +214,9 @@ def cmd_convert(args) -> int:
     from leanconv.serialize import locked, write_json
 
     recipe = leanconv.get_recipe(args.recipe)
-    calib = calibration_setup(args, recipe) if args.calibrate else None  # bad data fails before the work
     source = model_source(args)
+    resolve_input(args, source, args.calibrate)
+    calib = calibration_setup(args, recipe) if args.calibrate else None  # bad data fails before the work
     model = source.build().eval()
     x = example_inputs(args)
     out = Path(args.out)
@@ -285,7 +318,9 @@ def run_config(args, recipe=None):
     cal = {"images": args.calib_images} if args.calib_images is not None else {}
     recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, **ft),
                                  calibration=dataclasses.replace(recipe.calibration, **cal))
-    return RunConfig(model_source(args), recipe, args.data, Path(out), args.input_size, args.in_chans,
+    source = model_source(args)
+    resolve_input(args, source, args.data)
+    return RunConfig(source, recipe, args.data, Path(out), args.input_size, args.in_chans,
                      selection(args, recipe), args.target_macs, args.train_images, args.eval_images,
                      parse_batches(args.batches), calibrate=not args.no_calibrate)
 
@@ -304,9 +339,11 @@ def parse_batches(text: str) -> tuple[int, ...]:
 def cmd_run(args) -> int:
     from leanconv.pipeline import run
 
-    report = run(run_config(args), resume=bool(args.resume))
+    cfg = run_config(args)
+    report = run(cfg, resume=bool(args.resume))
     if report is not None:
         print("\n" + report.summary())
+        print(f"report: {cfg.out / 'report.md'} (also report.json, report.png); the model: leanconv.load('{cfg.out}')")
     return 0
 
 
@@ -427,7 +464,7 @@ def _setup_export(p):
 @command("export", "export a model, optimized for inference, to ONNX and/or torch.export")(_setup_export)
 def cmd_export(args) -> int:
     import leanconv
-    from leanconv.export import export_onnx, export_program
+    from leanconv.export import export_onnx, export_program, save_program
 
     if bool(args.run) == bool(args.model):
         raise ConfigError("give exactly one of --from DIR or --model SPEC")
@@ -440,8 +477,9 @@ def cmd_export(args) -> int:
         x = torch.randn(1, args.in_chans or chans, args.input_size or h, args.input_size or w,
                         generator=torch.Generator().manual_seed(0))
     else:
-        model = model_source(args).build()
-        args.input_size, args.in_chans = args.input_size or 224, args.in_chans or 3
+        source = model_source(args)
+        resolve_input(args, source, None)
+        model = source.build()
         x = example_inputs(args)
     model.eval()
     if args.onnx:
@@ -450,10 +488,8 @@ def cmd_export(args) -> int:
             f"max abs diff vs onnxruntime {res.max_abs_diff:.2e}"
         print(f"wrote {res.path} (opset {res.opset}); {diff}")
     if args.program:
-        prog = export_program(model, x)
-        Path(args.program).parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(prog, args.program)
-        print(f"wrote {args.program} (torch.export program)")
+        save_program(export_program(model, x), args.program)
+        print(f"wrote {args.program} (torch.export program, batch size 1 to 1024)")
     return 0
 
 
@@ -486,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
+            ask_threads(args.threads)
         return args.func(args)
     except Interrupted as e:
         _say(where, "interrupted", e, args.debug)

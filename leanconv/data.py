@@ -183,6 +183,10 @@ class DataSpec:
             return cls("imagefolder", path)
         raise DataError(f"unknown data spec {text!r}; use fashion-mnist[:PATH] or imagefolder:PATH")
 
+    def native_input(self) -> tuple[int, int | None]:
+        """(channels, square size) of the images as stored; size None where images vary (ImageFolder)."""
+        return (1, 28) if self.kind == "fashion-mnist" else (3, None)
+
     def dataset(self, train: bool, input_size: int | None = None, channels: int = 1,
                 augment: bool | None = None) -> Dataset:
         """The training or validation split. An ImageFolder root with train/ and val/ uses them.

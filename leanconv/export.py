@@ -67,8 +67,9 @@ def check_example(model: nn.Module, example_inputs: Tensor | tuple) -> None:
 
 
 def export_program(model: nn.Module, example_inputs: Tensor | tuple, *, optimized: bool = True,
-                   dynamic_batch: bool = False) -> "torch.export.ExportedProgram":
-    """``torch.export`` of the (optimized) model, with standard operators only.
+                   dynamic_batch: bool = True) -> "torch.export.ExportedProgram":
+    """``torch.export`` of the (optimized) model, with standard operators only; the batch size is
+    free (1 to 1024) unless ``dynamic_batch`` is False, as in the ONNX export.
 
     Raises:
         ModelError: when torch.export cannot capture the model.
@@ -84,6 +85,28 @@ def export_program(model: nn.Module, example_inputs: Tensor | tuple, *, optimize
             return torch.export.export(m, args, dynamic_shapes=dyn)
     except Exception as e:  # torch.export raises many kinds
         raise ModelError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def save_program(program: "torch.export.ExportedProgram", path: str | os.PathLike) -> Path:
+    """Write an exported program (.pt2) atomically.
+
+    torch warns "No complete tensor found in the group" for every channels_last weight (its check
+    takes a non-contiguous tensor for a slice of a larger one); the weights are whole, so that one
+    warning is silenced here.
+    """
+    import warnings
+
+    from leanconv.serialize import atomic_write
+
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
+            torch.export.save(program, tmp)
+
+    atomic_write(path, write)
+    return path
 
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | tuple, path: str | os.PathLike, *, optimized: bool = True,

@@ -13,6 +13,7 @@ from torch import nn
 
 from leanconv.measure.accuracy import compare
 from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+from leanconv.measure.timing import timing_threads
 from leanconv.plan import ConversionPlan, human
 from leanconv.serialize import atomic_write, write_json
 
@@ -41,6 +42,7 @@ class Report:
     layers: list[dict]                     # per converted/listed layer
     eval_images: int = 0
     stages: dict = field(default_factory=dict)  # calibration / fine-tuning summaries, when run
+    threads_note: str | None = None        # why latency was timed with fewer threads than usual
 
     @property
     def speedup(self) -> dict:
@@ -75,6 +77,8 @@ class Report:
                      for b, x in per.items()]
             where = f"{dev} ({_threads(self.threads)})" if dev in ("cpu", "onnxruntime") else dev
             lines.append(f"measured speedup on {where}: " + ", ".join(parts))
+        if self.threads_note:
+            lines.append(f"note: {self.threads_note}")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -84,7 +88,7 @@ class Report:
         out = [f"# leanconv report: {self.model}, recipe `{self.recipe}`", "",
                f"Input {'x'.join(map(str, self.input_size))}. MACs are multiply-adds per image "
                f"(1 MAC = 2 FLOPs). Latency: median of interleaved runs after warm-up, "
-               f"{_threads(self.threads)} on CPU.", "",
+               f"{_threads(self.threads)} on CPU" + (f" ({self.threads_note})" if self.threads_note else "") + ".", "",
                "| | original | converted | ratio |", "|---|---|---|---|",
                f"| MACs | {human(o.macs)} | {human(c.macs)} | {s['macs']:.2f}x fewer |",
                f"| params | {human(o.params)} | {human(c.params)} | {s['params']:.2f}x fewer |",
@@ -165,7 +169,9 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
 
     shape = tuple(plan.input_shape)
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
-    threads = threads or torch.get_num_threads()
+    note = None
+    if not threads:
+        threads, note = timing_threads()
     lat: dict[str, dict[str, dict[int, float]]] = {"original": {}, "converted": {}}
     steps = [(d, b) for d in devices for b in batches]
     for dev, b in tqdm(steps, desc="latency", disable=not progress, leave=False):
@@ -194,7 +200,7 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
     o = Figures(plan.macs_before, plan.params_before, *top["original"], lat["original"])
     c = Figures(plan.macs_after, plan.params_after, *top["converted"], lat["converted"])
     return Report(model_name, plan.recipe, list(shape), o, c, agreement, kl, threads,
-                  layer_rows(plan, calibration), n, stages or {})
+                  layer_rows(plan, calibration), n, stages or {}, note)
 
 
 def write_report(report: Report, directory: str | Path) -> list[Path]:
@@ -209,7 +215,9 @@ def write_report(report: Report, directory: str | Path) -> list[Path]:
 
 
 def plot_report(report: Report, path: Path) -> bool:
-    """Accuracy against MACs, and latency bars; False when matplotlib is not installed."""
+    """Three panels: MACs per converted layer before and after; measured speedup per runtime and
+    batch against the MAC ratio (what the MACs promise) and 1.0 (break-even); top-1 against MACs
+    for both networks. False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -217,36 +225,98 @@ def plot_report(report: Report, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    o, c = report.original, report.converted
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    if o.top1 is not None:
-        ax1.scatter([o.macs / 1e6], [o.top1 * 100], label="original", s=60)
-        ax1.scatter([c.macs / 1e6], [c.top1 * 100], label=f"converted ({report.recipe})", s=60, marker="s")
-        ax1.set_ylabel("top-1 (%)")
-    else:
-        ax1.bar(["original", "converted"], [o.macs / 1e6, c.macs / 1e6])
-        ax1.set_ylabel("MMACs")
-    ax1.set_xlabel("MACs per image (millions)")
-    ax1.set_title("accuracy vs complexity")
-    ax1.legend() if o.top1 is not None else None
-    labels, ov, cv = [], [], []
-    for dev in c.latency_ms:
-        for b in c.latency_ms[dev]:
-            labels.append(f"{dev} b{b}")
-            ov.append(o.latency_ms[dev][b])
-            cv.append(c.latency_ms[dev][b])
-    xs = range(len(labels))
-    ax2.bar([x - 0.2 for x in xs], ov, 0.4, label="original")
-    ax2.bar([x + 0.2 for x in xs], cv, 0.4, label="converted")
-    ax2.set_xticks(list(xs), labels)
-    ax2.set_ylabel("median latency (ms)")
-    ax2.set_yscale("log" if max(ov + cv, default=1) / max(min(ov + cv, default=1), 1e-9) > 20 else "linear")
-    ax2.set_title(f"measured latency ({report.threads} threads)")
-    ax2.legend()
-    fig.suptitle(f"{report.model}: {report.recipe}")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1.2, 1.1, 1]})
+    _plot_layers(ax1, report)
+    _plot_speed(ax2, report)
+    _plot_accuracy(ax3, report)
+    fig.suptitle(f"{report.model}: recipe {report.recipe}, input {'x'.join(map(str, report.input_size))}")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return True
 
 
+def _plot_layers(ax, report: Report, most: int = 24) -> None:
+    """Horizontal bars: MACs of each listed layer before and after (log scale), kept layers grey."""
+    rows = sorted(report.layers, key=lambda l: -l["macs_before"])[:most]
+    rows.sort(key=lambda l: [l2["name"] for l2 in report.layers].index(l["name"]))  # network order
+    if not rows:
+        ax.text(0.5, 0.5, "no convertible layers", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    ys = range(len(rows))[::-1]
+    before = [max(l["macs_before"], 1) / 1e6 for l in rows]
+    after = [max(l["macs_after"], 1) / 1e6 for l in rows]
+    ax.barh([y + 0.2 for y in ys], before, 0.4, color="#bbbbbb", label="original conv")
+    colors = ["C0" if l["converted"] else "#888888" for l in rows]
+    ax.barh([y - 0.2 for y in ys], after, 0.4, color=colors, label="after conversion")
+    ax.set_yticks(list(ys), [l["name"] + ("" if l["converted"] else " (kept)") for l in rows],
+                  fontsize=7 if len(rows) > 12 else 9)
+    if max(before) / min(after) > 30:  # a wide range: log scale, plain numbers on the ticks
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("MMACs per image (log scale)")
+    else:
+        ax.set_xlabel("MMACs per image")
+    shown = "" if len(rows) == len(report.layers) else f", the {len(rows)} largest of {len(report.layers)}"
+    ax.set_title(f"MACs per layer{shown}")
+    ax.legend(loc="best", fontsize=8)
+
+
+def _plot_speed(ax, report: Report) -> None:
+    """Bars: measured speedup per runtime and batch, labelled with both latencies; lines at the
+    MAC ratio and at 1.0."""
+    s = report.speedup
+    labels, values, notes = [], [], []
+    for dev, per in s["latency"].items():
+        for b, x in per.items():
+            runtime = {"cpu": "PyTorch\nCPU", "cuda": "PyTorch\nCUDA", "onnxruntime": "onnx-\nruntime"}.get(dev, dev)
+            labels.append(f"{runtime}\nbatch {b}")
+            values.append(x)
+            notes.append(f"{report.original.latency_ms[dev][b]:.3g} ->\n{report.converted.latency_ms[dev][b]:.3g} ms")
+    if not values:
+        ax.text(0.5, 0.5, "latency not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    xs = list(range(len(values)))
+    ax.bar(xs, values, 0.6, color=["C2" if v >= 1 else "C3" for v in values])
+    for x, v, n in zip(xs, values, notes):
+        ax.text(x, v, n, ha="center", va="bottom", fontsize=7)
+    ax.axhline(s["macs"], color="C0", ls="--", lw=1, label=f"MAC ratio {s['macs']:.2f}x")
+    ax.axhline(1.0, color="black", lw=0.8, label="break-even")
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_xlim(-0.7, max(len(xs), 3) - 0.3)  # a single bar stays bar-sized
+    ax.set_ylim(0, max(values + [s["macs"]]) * 1.3)
+    ax.set_ylabel("measured speedup (original / converted)")
+    ax.set_title(f"measured speedup, CPU on {_threads(report.threads)}")
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _plot_accuracy(ax, report: Report) -> None:
+    """Top-1 of both networks against their MACs, with margins; the KL and agreement as text."""
+    o, c = report.original, report.converted
+    if o.top1 is None or c.top1 is None:
+        ax.bar(["original", "converted"], [o.params / 1e6, c.params / 1e6], color=["#bbbbbb", "C0"])
+        ax.set_ylabel("parameters (millions)")
+        ax.set_title("parameters (no accuracy: run with data)")
+        return
+    xs, ys = [o.macs / 1e6, c.macs / 1e6], [o.top1 * 100, c.top1 * 100]
+    ax.annotate("", xy=(xs[1], ys[1]), xytext=(xs[0], ys[0]),
+                arrowprops={"arrowstyle": "->", "color": "#888888"})
+    ax.scatter(xs[:1], ys[:1], s=70, color="#888888", label="original", zorder=3)
+    ax.scatter(xs[1:], ys[1:], s=70, color="C0", marker="s", label=f"converted ({report.recipe})", zorder=3)
+    span_x = max(xs) - min(xs) or max(xs) or 1.0
+    span_y = max(abs(ys[0] - ys[1]), 1.0)
+    ax.set_xlim(min(xs) - 0.25 * span_x, max(xs) + 0.25 * span_x)
+    ax.set_ylim(min(ys) - 1.5 * span_y, max(ys) + 1.5 * span_y)
+    s = report.speedup
+    text = f"{(c.top1 - o.top1) * 100:+.2f} points at {s['macs']:.2f}x fewer MACs"
+    if report.agreement_top1 is not None:
+        text += f"\nagreement {report.agreement_top1 * 100:.1f}%, KL {report.kl:.4f}"
+    ax.text(0.03, 0.04, text + f"\n{report.eval_images} images", transform=ax.transAxes, fontsize=8)
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("accuracy against complexity")
+    ax.legend(loc="upper left", fontsize=8)

@@ -135,7 +135,8 @@ class SweepResult:
                f"Input {'x'.join(map(str, self.input_size))}; data `{self.data}`"
                + (f" (first {self.eval_images} validation images)" if self.eval_images else "") + ". "
                f"MACs per image (1 MAC = 2 FLOPs). Latency: median ms, all networks timed in one process, "
-               f"interleaved, after warm-up, {self.threads} CPU threads. ★ = Pareto-optimal (no other network "
+               f"interleaved, after warm-up, {self.threads} CPU thread{'s' if self.threads != 1 else ''}. "
+               f"★ = Pareto-optimal (no other network "
                f"has at least the top-1 at no more cost, and is better in one).", "",
                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
@@ -338,6 +339,7 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
 
     import leanconv
     from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+    from leanconv.measure.timing import timing_threads
     from leanconv.report import inference_copy
 
     reports = {}
@@ -359,7 +361,7 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
         models[cfg.recipe.name] = leanconv.load(cfg.out, base=cfg.source.build(with_weights=False)).eval()
     budget = latency_budget_s if latency_budget_s is not None else first.latency_budget_s
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-    threads = torch.get_num_threads()
+    threads, _ = timing_threads()  # fewer when other processes keep cores busy
     lat: dict[str, dict[str, dict[int, float]]] = {n: {} for n in models}
     example = torch.randn((1,) + shape)
     for dev in devices:
@@ -410,7 +412,7 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
     panels = [("MACs per image (millions)", lambda r: r.macs / 1e6, result.pareto_macs())]
     if keys:
         dev, b = keys[0]
-        panels.append((f"latency, {dev}, batch {b} (ms, {result.threads} threads)",
+        panels.append((f"latency, {dev}, batch {b} (ms, {result.threads} thread{'s' if result.threads != 1 else ''})",
                        lambda r: r.latency_ms[dev][b], result.pareto_latency(dev, b)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     rows = [r for r in result.rows if r.top1 is not None]

@@ -59,3 +59,26 @@ def test_checkpoint_that_does_not_fit(tmp_path, capsys):
 def test_recipes_command_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "leanconv", "recipes"], capture_output=True, text=True, check=True)
     assert "sic-bottleneck" in r.stdout and "0.230" in r.stdout
+
+
+def test_input_shape_comes_from_the_model_and_the_data(tmp_path, capsys):
+    """--model with a 1-channel first conv and fashion-mnist data: no --in-chans / --input-size needed;
+    a torchvision model without weights is said to be untrained."""
+    from leanconv.cli import build_parser, resolve_input
+    from leanconv.models import ModelSource
+
+    args = build_parser().parse_args(["convert", "--model", "leanconv.demo.teacher:fmnist_resnet", "--out", "x"])
+    resolve_input(args, ModelSource("leanconv.demo.teacher:fmnist_resnet"), "fashion-mnist")
+    assert (args.in_chans, args.input_size) == (1, 28)
+    args = build_parser().parse_args(["convert", "--model", "torchvision:resnet18", "--out", "x"])
+    resolve_input(args, ModelSource("torchvision:resnet18"), "fashion-mnist")
+    assert (args.in_chans, args.input_size) == (3, 28)  # the model's channels, the data's size
+    assert "randomly initialized" in capsys.readouterr().out
+    args = build_parser().parse_args(["convert", "--model", "torchvision:resnet18", "--input-size", "64",
+                                      "--in-chans", "3", "--out", "x"])
+    resolve_input(args, ModelSource("torchvision:resnet18", weights="IMAGENET1K_V1"), None)
+    assert (args.in_chans, args.input_size) == (3, 64) and "randomly" not in capsys.readouterr().out
+    out = tmp_path / "m"
+    assert main(["convert", "--model", "leanconv.demo.teacher:fmnist_resnet", "--model-arg", "width=8",
+                 "--out", str(out)]) == 0  # 1 channel from the model, 224 without data
+    assert json.loads((out / "plan.json").read_text())["input_shape"] == [1, 224, 224]

@@ -77,6 +77,22 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--onnx", str(onnx_path)]) == 2  # neither --from nor --model
 
 
+def test_cli_program_runs_at_any_batch_size_without_warnings(tmp_path, recwarn):
+    prog_path = tmp_path / "m.pt2"
+    torch.manual_seed(0)  # the CLI builds the model with the global generator; so does the check below
+    rc = main(["export", "--model", "leanconv.demo.teacher:fmnist_resnet", "--model-arg", "width=8",
+               "--in-chans", "1", "--input-size", "28", "--program", str(prog_path)])
+    assert rc == 0
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
+    program = torch.export.load(str(prog_path)).module()
+    torch.manual_seed(0)
+    model = leanconv.ModelSource("leanconv.demo.teacher:fmnist_resnet", {"width": 8}).build().eval()
+    for batch in (1, 4, 7):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            assert (program(x) - model(x)).abs().max() < 1e-4
+
+
 def test_cli_export_from_saved_run(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from leanconv.models import ModelSource

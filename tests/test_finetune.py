@@ -214,6 +214,10 @@ def test_unlabeled_data_and_dataloaders(tmp_path):
                       FinetuneConfig(epochs=1, batch_size=999, checkpoint_every_steps=0), progress=False)
     assert result.steps == 8  # the loader's batch size wins over the config's
     assert result.history[0].ce is None and result.final.top1 is None and result.final.agreement is not None
+    # printed, a result is a few lines of figures, not the model
+    for text in (str(result), repr(result)):
+        assert "Conv2d" not in text and "8/8 steps" in str(result)
+    assert len(str(result).splitlines()) <= 4
 
 
 def test_bf16_autocast_and_channels_last_on_cpu():

@@ -57,3 +57,42 @@ def test_latency_is_timed_on_cuda_where_the_weights_are():
     assert speed.device.startswith("cuda") and speed.conv_ms > 0 and speed.new_ms > 0
     timings = time_models({"conv": conv.eval(), "sic": sic.eval()}, (16, 32, 32), 4, device="cuda", repeats=3)
     assert {t.device for t in timings.values()} == {"cuda"} and all(t.median_ms > 0 for t in timings.values())
+
+
+def test_latency_threads_leave_the_cores_other_processes_use(monkeypatch):
+    import os
+
+    from leanconv.measure import timing
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+    monkeypatch.setattr(timing, "busy_elsewhere", lambda interval=0.5: 0.0)
+    assert timing.timing_threads() == (cores, None)
+    monkeypatch.setattr(timing, "busy_elsewhere", lambda interval=0.5: cores - 0.9)
+    threads, note = timing.timing_threads()
+    assert threads == 1 and (note is None) == (cores == 1)
+    timing.ask_threads(cores)  # --threads wins
+    try:
+        assert timing.timing_threads() == (cores, None)
+    finally:
+        timing.ask_threads(None)
+
+
+def test_busy_elsewhere_sees_another_process_and_not_this_one():
+    import subprocess
+    import sys
+    import time
+
+    from leanconv.measure.timing import busy_elsewhere
+
+    x = torch.randn(256, 256)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # this process's own work is not counted
+        x = (x @ x).tanh()
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_elsewhere(0.6) > 0.5
+    finally:
+        spin.kill()
+        spin.wait()

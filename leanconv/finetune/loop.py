@@ -70,7 +70,7 @@ class EpochMetrics:
 class FinetuneResult:
     """What ``finetune`` did. ``model`` is the converted model, trained in place, in eval mode."""
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)  # printed results stay short
     original: EvalMetrics | None          # the original network on the validation data
     history: tuple[EpochMetrics, ...]
     steps: int                            # optimizer steps done, over all (resumed) pieces
@@ -83,6 +83,26 @@ class FinetuneResult:
     def final(self) -> EvalMetrics | None:
         """The last evaluation of the converted model."""
         return next((h.eval for h in reversed(self.history) if h.eval is not None), None)
+
+    def __str__(self) -> str:
+        """A few lines: steps, runtime, and the last evaluation against the original's."""
+        def pct(v):
+            return "-" if v is None else f"{v * 100:.2f}%"
+
+        lines = [f"fine-tuning: {self.steps}/{self.total_steps} steps, {len(self.history)} epoch(s), {self.runtime}"
+                 + (f", resumed from epoch {self.resumed_from[0]} step {self.resumed_from[1]}"
+                    if self.resumed_from else "")]
+        if self.history:
+            h = self.history[-1]
+            lines.append(f"last epoch: loss {h.loss:.4f} (kd {h.kd:.4f}"
+                         + (f", ce {h.ce:.4f}" if h.ce is not None else "") + f"), {h.seconds:.0f} s")
+        f, o = self.final, self.original
+        if f is not None:
+            lines.append(f"converted: top-1 {pct(f.top1)}, top-5 {pct(f.top5)}, agreement {pct(f.agreement)} "
+                         f"on {f.images} images" + (f"; original: top-1 {pct(o.top1)}" if o is not None else ""))
+        if self.checkpoint:
+            lines.append(f"checkpoint: {self.checkpoint}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"original": self.original.to_dict() if self.original else None,

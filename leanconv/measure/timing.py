@@ -85,3 +85,62 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- how many threads to time with
+
+_ASKED_THREADS: int | None = None  # set by the command line's --threads
+
+
+def ask_threads(n: int | None) -> None:
+    """Record the thread count the user asked for (``--threads``): latency is then timed with it."""
+    global _ASKED_THREADS
+    _ASKED_THREADS = n
+
+
+def busy_elsewhere(interval: float = 0.5) -> float | None:
+    """Cores kept busy by other processes, measured over ``interval`` seconds (Linux's /proc/stat,
+    minus this process's own CPU time); None where that cannot be read."""
+    import os
+    import resource
+
+    def busy_jiffies() -> int:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v) - v[3] - v[4]
+
+    def own_seconds() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        t0, b0, s0 = time.monotonic(), busy_jiffies(), own_seconds()
+        time.sleep(interval)
+        t1, b1, s1 = time.monotonic(), busy_jiffies(), own_seconds()
+    except (OSError, ValueError, AttributeError):
+        return None
+    return max(0.0, ((b1 - b0) / hz - (s1 - s0)) / max(t1 - t0, 1e-3))
+
+
+def timing_threads() -> tuple[int, str | None]:
+    """The CPU threads to time latency with, and why when it is not the usual count.
+
+    The count asked for with ``--threads`` when there was one; otherwise torch's count, lowered to
+    the cores other processes leave free: threads that wait for a busy core make a network look 2-3x
+    slower than it is, and unevenly so for the two networks compared.
+    """
+    import os
+
+    if _ASKED_THREADS is not None:
+        return _ASKED_THREADS, None
+    threads = torch.get_num_threads()
+    busy = busy_elsewhere()
+    if busy is None:
+        return threads, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or threads)
+    free = max(1, round(cores - busy))
+    if free >= threads:
+        return threads, None
+    return free, (f"other processes were keeping {busy:.1f} of {cores} cores busy, so latency was timed with "
+                  f"{free} thread{'s' if free != 1 else ''} instead of {threads} (set it with --threads)")

@@ -25,6 +25,24 @@ class ImplChoice:
         return {"name": self.name, "input_shape": list(self.input_shape),
                 "timings": [[n, t] for n, t in self.timings], "chosen": self.chosen}
 
+    def __str__(self) -> str:
+        """One line: the op, its input shape, the kept implementation first, then the others."""
+        t = dict(self.timings)
+        others = ", ".join(f"{n} {s * 1e3:.3g} ms" for n, s in self.timings if n != self.chosen)
+        kept = f"{self.chosen} {t[self.chosen] * 1e3:.3g} ms" if self.chosen in t else self.chosen
+        return f"{self.name} {'x'.join(map(str, self.input_shape))}: {kept}" + (f" (also timed: {others})" if others else "")
+
+
+class ImplChoices(list):
+    """``implementation_choices``' list of ``ImplChoice``, printed as one line per op."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "no implementation choices recorded (optimize with example_inputs and autotune=True)"
+        return "\n".join(str(c) for c in self)
+
+    __repr__ = __str__
+
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
     """(name, container, index) of every tunable op: ops inside a StackOp, and standalone ops."""
@@ -184,9 +202,9 @@ def _seconds(op: nn.Module, x: Tensor) -> float:
     return time.perf_counter() - t
 
 
-def recorded_choices(model: nn.Module) -> list[ImplChoice]:
+def recorded_choices(model: nn.Module) -> ImplChoices:
     """The implementation choices ``optimize`` recorded on a model's ops."""
-    out = []
+    out = ImplChoices()
     for name, m in model.named_modules():
         tuned = getattr(m, "tuned", None)
         if isinstance(m, InferenceOp) and tuned:

@@ -168,7 +168,7 @@ def _as_conv(conv: nn.Conv2d, op: ConvOp) -> nn.Conv2d:
     return new
 
 
-def implementation_choices(model: nn.Module) -> list[ImplChoice]:
+def implementation_choices(model: nn.Module) -> "ImplChoices":
     """What ``optimize`` measured and chose for each op of an optimized model."""
     from leanconv.optimize.autotune import recorded_choices
 
