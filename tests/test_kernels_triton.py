@@ -118,11 +118,11 @@ def check(layer: nn.Module, shape, device: str, dtype, epilogues=((False, False)
 # --------------------------------------------------------------------------- SIC and unravelled layers
 
 SIC_CASES = {  # in, out, k, stride, padding, dilation, multiplier b, (H, W), batch
-    "3x3-odd-channels": (20, 24, 3, 1, 1, 1, 1, (7, 9), 2),
+    "3x3-odd-channels": (20, 24, 3, 1, 1, 1, 1, (7, 9), 1),
     "5x5-stride2-batch1": (19, 33, 5, 2, 2, 1, 1, (9, 7), 1),
     "3x3-stride2-unpadded": (16, 16, 3, 2, 0, 1, 1, (8, 7), 2),
     "unravel-b4-dilated": (12, 20, 3, 1, 2, 2, 4, (7, 7), 1),
-    "unravel-b2-5x5": (10, 18, 5, 1, 2, 1, 2, (6, 9), 2),
+    "unravel-b2-5x5": (10, 18, 5, 1, 2, 1, 2, (5, 7), 1),
 }
 
 
@@ -190,7 +190,7 @@ def test_bottleneck_kernel_matches_the_layer(case, dtype, device):
 def test_topological_projection_kernel_matches_the_layer(ci, co, rank, dtype, device):
     layer = randomized(TopoConv2d(ci, co, 1, Topology.auto(ci, co, rank)))
     seen = check(layer, (2, ci, 3, 5), device, dtype)
-    assert "triton:topo/dense" in seen and any("sparse" in s for s in seen), seen
+    assert seen and all("sparse" in s for s in seen), seen
 
 
 # --------------------------------------------------------------------------- stacks, dtypes, fallbacks

@@ -23,11 +23,11 @@ from leanconv.layers.functional import bottleneck_padding
 from leanconv.optimize.ops import BottleneckOp, ConvOp, TopoOp
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "RH", "RW", "offset"])
+@triton.jit(do_not_specialize=["M", "H", "W", "RH", "RW", "offset", "has_res", "relu"])
 def _bottleneck_kernel(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, pbias_ptr, up_ptr, bias_ptr, rs_ptr,
-                       res_ptr, nout_ptr, y_ptr, M, N, K, C_in, H, W, RH, RW, offset,
+                       res_ptr, nout_ptr, y_ptr, M, N, K, C_in, H, W, RH, RW, offset, has_res, relu,
                        KS: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_N: tl.constexpr, SPARSE: tl.constexpr,
-                       HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+                       PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
@@ -53,7 +53,7 @@ def _bottleneck_kernel(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, pbia
             up = tl.load(up_ptr + ch * (KS * KS) + (a * KS + t), mask=n_ok, other=0.0).to(tl.float32)
             y = z * up[None, :] + bias[None, :]
             off = ((img * H + p) * W + q)[:, None] * N + ch[None, :]  # NHWC at full resolution
-            y = finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, HAS_RES, RELU)
+            y = finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, has_res, relu)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -96,9 +96,9 @@ def spatial_bottleneck(x: Tensor, dw: Tensor, weight: Tensor, pbias: Tensor, up:
     dummy = bias
     args = (x, dw, weight, dummy if ksrc is None else ksrc, dummy if kt_ptr is None else kt_ptr,
             dummy if kt_idx is None else kt_idx, pbias, up, bias, res_scale, res, dummy if nout is None else nout, y,
-            m, n, kk, c_in, h, w, rh, rw, offset)
+            m, n, kk, c_in, h, w, rh, rw, offset, int(residual is not None), int(relu))
     flags = dict(KS=k, GATHER_K=ksrc is not None, SCATTER_N=nout is not None, SPARSE=sparse,
-                 HAS_RES=residual is not None, RELU=relu, PRECISION=precision)
+                 PRECISION=precision)
     if sparse:
         block_k, block_n = tile
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)

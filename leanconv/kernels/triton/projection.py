@@ -192,12 +192,14 @@ def out_channels(nout_ptr, pid_n, N, SCATTER_N: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
-    """``relu?(y + res_scale * residual[off])`` in fp32 (the epilogue every fused layer ends with)."""
-    if HAS_RES:
+def finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, has_res, relu):
+    """``relu?(y + res_scale * residual[off])`` in fp32 (the epilogue every fused layer ends with).
+    ``has_res`` / ``relu`` are run-time flags (one branch per tile, not one compiled variant each:
+    a network's layers differ in them, and every variant costs a compile per block-size config)."""
+    if has_res != 0:
         rs = tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         r = tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
         y = y + r * rs[None, :]
-    if RELU:
+    if relu != 0:
         y = tl.maximum(y, 0.0)
     return y

@@ -23,12 +23,13 @@ from leanconv.layers.functional import conv_output_size
 from leanconv.optimize.ops import ConvOp, SplitOp, TopoOp
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"])
+# shapes and flags that vary from layer to layer are not specialized on (each variant is a compile)
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                               "has_res", "relu"])
 def _sic_kernel(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, bias_ptr, rs_ptr, res_ptr, nout_ptr, y_ptr,
-                M, N, K, C_in, H, W, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                M, N, K, C_in, H, W, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, has_res, relu,
                 KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr, HAS_DW: tl.constexpr,
-                GATHER_K: tl.constexpr, SCATTER_N: tl.constexpr, SPARSE: tl.constexpr, HAS_RES: tl.constexpr,
-                RELU: tl.constexpr, PRECISION: tl.constexpr,
+                GATHER_K: tl.constexpr, SCATTER_N: tl.constexpr, SPARSE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
@@ -43,7 +44,7 @@ def _sic_kernel(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, bias_ptr, r
     y = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     off = offs_m.to(tl.int64)[:, None] * N + ch[None, :]  # NHWC: pixel m, channel ch
     ok = m_ok[:, None] & n_ok[None, :]
-    y = finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, HAS_RES, RELU)
+    y = finish(y, off, ok, offs_n, n_ok, rs_ptr, res_ptr, has_res, relu)
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -86,10 +87,10 @@ def sic_layer(x: Tensor, dw: Optional[Tensor], weight: Tensor, bias: Tensor, res
     dummy = bias  # never read: its flag is off
     args = (x, dummy if dw is None else dw, weight, dummy if ksrc is None else ksrc, dummy if kt_ptr is None else kt_ptr,
             dummy if kt_idx is None else kt_idx, bias, res_scale, res, dummy if nout is None else nout, y,
-            m, n, k, c_in, h, w, oh, ow, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+            m, n, k, c_in, h, w, oh, ow, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            int(residual is not None), int(relu))
     flags = dict(KH=kh, KW=kw, MULT=mult, HAS_DW=dw is not None, GATHER_K=ksrc is not None,
-                 SCATTER_N=nout is not None, SPARSE=sparse, HAS_RES=residual is not None, RELU=relu,
-                 PRECISION=precision)
+                 SCATTER_N=nout is not None, SPARSE=sparse, PRECISION=precision)
     if sparse:
         block_k, block_n = tile
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)

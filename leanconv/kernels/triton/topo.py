@@ -3,8 +3,8 @@
 Channels are taken in grid order (``TopoOp.in_perm`` / ``out_perm``: gathered on load, scattered
 on store), where a tile of consecutive output grid positions connects to one cyclic window of
 input positions; the schedule (``PackedProjection.schedule``) lists, per N tile, the K tiles that
-hold a connection, and only those are loaded and multiplied. The dense form (the dense matrix
-the layer equals) is a further alternative, so ``optimize``'s timing keeps whichever is faster.
+hold a connection, and only those are loaded and multiplied. The dense projection the layer
+equals is already an alternative (``freeze.dense_op``), so ``optimize``'s timing keeps the faster.
 """
 from __future__ import annotations
 
@@ -69,4 +69,5 @@ class FusedTopoOp(FusedOp):
 def _topo_alternatives(op: TopoOp) -> list[FusedOp]:
     if op.weight.shape[2:] != (1, 1) or op.stride != (1, 1) or op.padding != (0, 0):
         return []  # a k x k topological conv: no kernel of ours
-    return [FusedTopoOp(op)] + [FusedTopoOp(op, tile) for tile in sparse_tiles()]
+    # block-sparse only: the dense projection is already an alternative (cuDNN's 1x1 conv, freeze.dense_op)
+    return [FusedTopoOp(op, tile) for tile in sparse_tiles()]
