@@ -48,10 +48,12 @@ class FusedOp(InferenceOp):
     """An op computed by one fused kernel (a custom op). ``ref`` is the op it replaces: it holds the
     weights and the epilogue (``relu``, ``res_scale``), and runs wherever the kernel may not
     (autograd, ``portable()``, ONNX export, tracing, other devices: ``triton_util.kernel_path``).
-    Subclasses set ``kernel`` and define ``repack`` (the kernel's operands from ``ref``) and
-    ``kernel_args`` (the custom op's arguments for one call)."""
+    Subclasses set ``kernel`` (the custom op) and ``launch`` (the plain launcher it wraps: called
+    directly in eager mode, which spares the dispatcher's overhead per call) and define ``repack``
+    (the kernel's operands from ``ref``) and ``kernel_args`` (its arguments for one call)."""
 
     kernel: Callable[..., Tensor]
+    launch: Callable[..., Tensor]
 
     def __init__(self, ref: InferenceOp) -> None:
         super().__init__()
@@ -60,7 +62,9 @@ class FusedOp(InferenceOp):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not kernel_path(x):
             return self.ref(x, residual)
-        return self.kernel(*self.kernel_args(x, residual))
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: one custom op
+            return self.kernel(*self.kernel_args(x, residual))
+        return self.launch(*self.kernel_args(x, residual))
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         raise NotImplementedError

@@ -122,7 +122,8 @@ class FusedBottleneckOp(FusedOp):
     """A ``BottleneckOp`` (down, dense or topological projection, up, crop, epilogue) run by
     ``leanconv::spatial_bottleneck``; ``tile`` as for ``FusedSplitOp``."""
 
-    kernel = spatial_bottleneck_op
+    kernel = staticmethod(spatial_bottleneck_op)
+    launch = staticmethod(spatial_bottleneck)
 
     def __init__(self, ref: BottleneckOp, tile: tuple[int, int] | None = None) -> None:
         super().__init__(ref)

@@ -118,7 +118,8 @@ class FusedSplitOp(FusedOp):
     ``tile``: ``(BLOCK_K, BLOCK_N)`` of the block-sparse schedule of a topological projection;
     None runs the projection dense (a topological one as the dense matrix it equals)."""
 
-    kernel = sic_layer_op
+    kernel = staticmethod(sic_layer_op)
+    launch = staticmethod(sic_layer)
 
     def __init__(self, ref: SplitOp, tile: tuple[int, int] | None = None) -> None:
         super().__init__(ref)

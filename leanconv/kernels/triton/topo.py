@@ -46,7 +46,8 @@ class FusedTopoOp(FusedOp):
     """A 1x1 ``TopoOp`` run by ``leanconv::topo_projection``: block-sparse for ``tile``
     (``(BLOCK_K, BLOCK_N)``), or dense (None)."""
 
-    kernel = topo_projection_op
+    kernel = staticmethod(topo_projection_op)
+    launch = staticmethod(topo_projection)
 
     def __init__(self, ref: TopoOp, tile: tuple[int, int] | None = None) -> None:
         super().__init__(ref)
