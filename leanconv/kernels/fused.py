@@ -55,9 +55,12 @@ class FusedOp(InferenceOp):
     kernel: Callable[..., Tensor]
     launch: Callable[..., Tensor]
 
-    def __init__(self, ref: InferenceOp) -> None:
+    def __init__(self, ref: InferenceOp, tile: tuple[int, int] | None = None) -> None:
+        """``tile``: ``(BLOCK_K, BLOCK_N)`` of a block-sparse schedule of the op's topological
+        projection; None runs the projection dense."""
         super().__init__()
-        self.ref = ref
+        self.ref, self.tile = ref, tile
+        self.repack()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not kernel_path(x):

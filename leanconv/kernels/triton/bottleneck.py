@@ -17,7 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from leanconv.kernels.fused import FusedOp, fused_alternative
-from leanconv.kernels.triton.projection import finish, out_channels, pack_projection, project_tile
+from leanconv.kernels.triton.projection import (finish, launch, nhwc_io, out_channels, pack_projection,
+                                                project_tile)
 from leanconv.kernels.triton_util import autotuned, channels_last_empty, custom_op, dot_precision, sparse_tiles
 from leanconv.layers.functional import bottleneck_padding
 from leanconv.optimize.ops import BottleneckOp, ConvOp, TopoOp
@@ -86,26 +87,16 @@ def spatial_bottleneck(x: Tensor, dw: Tensor, weight: Tensor, pbias: Tensor, up:
     b, c_in, h, w = x.shape
     rh, rw = reduced_size(h, k, offset), reduced_size(w, k, offset)
     kk, n = weight.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = channels_last_empty((b, n, h, w), x)
+    x, y, res = nhwc_io(x, residual, (b, n, h, w))
     m = b * rh * rw
     if m == 0:
         return y
-    res = y if residual is None else residual.contiguous(memory_format=torch.channels_last)
-    sparse = kt_ptr is not None
-    dummy = bias
+    dummy = bias  # never read: its flag is off
     args = (x, dw, weight, dummy if ksrc is None else ksrc, dummy if kt_ptr is None else kt_ptr,
             dummy if kt_idx is None else kt_idx, pbias, up, bias, res_scale, res, dummy if nout is None else nout, y,
             m, n, kk, c_in, h, w, rh, rw, offset, int(residual is not None), int(relu))
-    flags = dict(KS=k, GATHER_K=ksrc is not None, SCATTER_N=nout is not None, SPARSE=sparse,
-                 PRECISION=precision)
-    if sparse:
-        block_k, block_n = tile
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)
-        _SPARSE[grid](*args, **flags, BLOCK_K=block_k, BLOCK_N=block_n)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _DENSE[grid](*args, **flags)
+    launch(_DENSE, _SPARSE, m, n, tile, args, dict(KS=k, GATHER_K=ksrc is not None, SCATTER_N=nout is not None,
+                                                   PRECISION=precision))
     return y
 
 
@@ -124,11 +115,6 @@ class FusedBottleneckOp(FusedOp):
 
     kernel = staticmethod(spatial_bottleneck_op)
     launch = staticmethod(spatial_bottleneck)
-
-    def __init__(self, ref: BottleneckOp, tile: tuple[int, int] | None = None) -> None:
-        super().__init__(ref)
-        self.tile = tile
-        self.repack()
 
     @torch.no_grad()
     def repack(self) -> None:

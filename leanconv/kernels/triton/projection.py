@@ -110,6 +110,26 @@ def _pack_topo(op: TopoOp, dw: ConvOp | None) -> PackedProjection:
     return PackedProjection(dww, weight.contiguous(), bias.contiguous(), ksrc, nout, mask)
 
 
+def nhwc_io(x: Tensor, residual: Tensor | None, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(x as NHWC, a fresh NHWC output of ``shape``, the residual as NHWC: the output where there is
+    none, a pointer the kernel never reads)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return x, y, y if residual is None else residual.contiguous(memory_format=torch.channels_last)
+
+
+def launch(dense, sparse, m: int, n: int, tile: list[int], args: tuple, flags: dict) -> None:
+    """Launch a projection kernel over ``m`` pixels x ``n`` channels: ``dense`` (autotuned over all
+    block sizes) when ``tile`` is empty, else ``sparse`` with its schedule's ``[BLOCK_K, BLOCK_N]``."""
+    if tile:
+        block_k, block_n = tile
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)
+        sparse[grid](*args, **flags, SPARSE=True, BLOCK_K=block_k, BLOCK_N=block_n)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        dense[grid](*args, **flags, SPARSE=False)
+
+
 # --------------------------------------------------------------------------- device code
 
 @triton.jit

@@ -17,7 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from leanconv.kernels.fused import FusedOp, fused_alternative
-from leanconv.kernels.triton.projection import finish, out_channels, pack_projection, project_tile
+from leanconv.kernels.triton.projection import (finish, launch, nhwc_io, out_channels, pack_projection,
+                                                project_tile)
 from leanconv.kernels.triton_util import autotuned, channels_last_empty, custom_op, dot_precision, sparse_tiles
 from leanconv.layers.functional import conv_output_size
 from leanconv.optimize.ops import ConvOp, SplitOp, TopoOp
@@ -77,27 +78,18 @@ def sic_layer(x: Tensor, dw: Optional[Tensor], weight: Tensor, bias: Tensor, res
     kh, kw = kernel
     oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
     k, n = weight.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = channels_last_empty((b, n, oh, ow), x)
+    x, y, res = nhwc_io(x, residual, (b, n, oh, ow))
     m = b * oh * ow
     if m == 0:
         return y
-    res = y if residual is None else residual.contiguous(memory_format=torch.channels_last)
-    sparse = kt_ptr is not None
     dummy = bias  # never read: its flag is off
     args = (x, dummy if dw is None else dw, weight, dummy if ksrc is None else ksrc, dummy if kt_ptr is None else kt_ptr,
             dummy if kt_idx is None else kt_idx, bias, res_scale, res, dummy if nout is None else nout, y,
             m, n, k, c_in, h, w, oh, ow, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             int(residual is not None), int(relu))
     flags = dict(KH=kh, KW=kw, MULT=mult, HAS_DW=dw is not None, GATHER_K=ksrc is not None,
-                 SCATTER_N=nout is not None, SPARSE=sparse, PRECISION=precision)
-    if sparse:
-        block_k, block_n = tile
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)
-        _SPARSE[grid](*args, **flags, BLOCK_K=block_k, BLOCK_N=block_n)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _DENSE[grid](*args, **flags)
+                 SCATTER_N=nout is not None, PRECISION=precision)
+    launch(_DENSE, _SPARSE, m, n, tile, args, flags)
     return y
 
 
@@ -120,11 +112,6 @@ class FusedSplitOp(FusedOp):
 
     kernel = staticmethod(sic_layer_op)
     launch = staticmethod(sic_layer)
-
-    def __init__(self, ref: SplitOp, tile: tuple[int, int] | None = None) -> None:
-        super().__init__(ref)
-        self.tile = tile
-        self.repack()
 
     @torch.no_grad()
     def repack(self) -> None:

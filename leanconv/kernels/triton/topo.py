@@ -49,11 +49,6 @@ class FusedTopoOp(FusedOp):
     kernel = staticmethod(topo_projection_op)
     launch = staticmethod(topo_projection)
 
-    def __init__(self, ref: TopoOp, tile: tuple[int, int] | None = None) -> None:
-        super().__init__(ref)
-        self.tile = tile
-        self.repack()
-
     @torch.no_grad()
     def repack(self) -> None:
         self.pack(pack_projection(self.ref, None, dense=self.tile is None), self.tile)
