@@ -133,9 +133,11 @@ class FusedSplitOp(FusedOp):
 @fused_alternative(SplitOp)
 def _split_alternatives(op: SplitOp) -> list[FusedOp]:
     d, p = op.depthwise, op.project
+    if not isinstance(p, (ConvOp, TopoOp)) or (isinstance(p, ConvOp) and p.groups != 1):
+        return []  # an already re-implemented projection (e.g. a fused one) or a grouped conv
     depthwise = (d.groups == d.in_channels and d.weight.shape[1] == 1 and d.padding_mode == "zeros")
     single = p.weight.shape[2:] == (1, 1) and tuple(p.stride) == (1, 1) and tuple(p.padding) == (0, 0)
-    if not depthwise or not single or not isinstance(p, (ConvOp, TopoOp)) or (isinstance(p, ConvOp) and p.groups != 1):
+    if not depthwise or not single:
         return []
     out: list[FusedOp] = [FusedSplitOp(op)]
     if isinstance(p, TopoOp):
