@@ -122,32 +122,51 @@ def sparse_tiles() -> tuple[tuple[int, int], ...]:
     return ((t, t),) if kernels_interpreted() else GPU_SPARSE_TILES
 
 
-def gemm_configs(sparse: bool) -> list:
-    """``triton.Config`` list of the projection GEMM: all block sizes for a dense projection; for a
-    block-sparse one BLOCK_K / BLOCK_N are fixed by its schedule and only BLOCK_M and the launch
-    shape are tuned. One small config under the interpreter."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the dense projection, per kernel family and operand size
+# in bytes. Few, because each is compiled (about two seconds) for every kernel variant a network
+# uses and a lent GPU's time is short; pruned at launch to the output's width (one config for 64
+# channels, two for 128, three from 256 on: a 256-wide N tile runs the depthwise prologue once for
+# 256 outputs). Compiled for sm_90 here (tests/compile_kernels.py), all without register spills:
+# float32 takes K tiles of 16 (at 32, three pipeline stages of nine shifted input tiles need up to
+# 338 KB of shared memory, over the H100's 227 KB); the bottleneck, whose epilogue writes k*k output
+# tiles, takes M tiles of 32 reduced pixels from 128 channels on (64 spilled up to 1.4 KB).
+DENSE_CONFIGS = {
+    ("sic", 2): ((64, 64, 16, 4), (128, 128, 32, 8), (64, 256, 32, 8)),
+    ("sic", 4): ((64, 64, 16, 4), (128, 128, 16, 8), (64, 256, 16, 8)),
+    ("bottleneck", 2): ((64, 64, 16, 4), (32, 128, 32, 4), (32, 256, 32, 8)),
+    ("bottleneck", 4): ((64, 64, 16, 4), (32, 128, 16, 4), (32, 256, 16, 8)),
+}
+SPARSE_CONFIG = (32, 4)  # BLOCK_M, num_warps of block-sparse launches (64 spilled with gathered channels)
+
+
+def gemm_configs(sparse: bool, family: str = "sic") -> list:
+    """``triton.Config`` list of the projection GEMM: block sizes for a dense projection (every
+    operand size's; ``prune_gemm_configs`` picks); for a block-sparse one BLOCK_K / BLOCK_N are
+    fixed by its schedule and only BLOCK_M is set. One small config under the interpreter."""
     import triton
 
     if kernels_interpreted():
         t = INTERPRETER_TILE
         return [triton.Config({"BLOCK_M": t} if sparse else {"BLOCK_M": t, "BLOCK_N": t, "BLOCK_K": t},
                               num_warps=1, num_stages=1)]
-    # Few configs: every one is compiled (about a second each) for every kernel variant a network
-    # uses, and a lent GPU's time is short. After pruning by N: one for 64 output channels, two for
-    # 128, three from 256 on (the wide N tile computes the depthwise prologue once for 256 outputs).
     if sparse:
-        return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)]
-    sizes = ((64, 64, 32, 4), (128, 128, 32, 8), (64, 256, 32, 8))
+        return [triton.Config({"BLOCK_M": SPARSE_CONFIG[0]}, num_warps=SPARSE_CONFIG[1], num_stages=3)]
+    sizes = dict.fromkeys(c for (fam, _), cs in DENSE_CONFIGS.items() if fam == family for c in cs)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
             for m, n, k, w in sizes]
 
 
-def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop N tiles wider than the output needs (a 64-channel layer never runs 256-wide tiles)."""
-    n = named_args["N"]
-    widest = max(64, 1 << max(0, (n - 1).bit_length()))  # the power of two that covers N
-    kept = [c for c in configs if c.kwargs.get("BLOCK_N", 0) <= widest]
-    return kept or configs[:1]
+def prune_gemm_configs(family: str) -> Callable:
+    """Autotune's ``early_config_prune`` for ``family``: the configs of the input's operand size whose
+    N tile is no wider than the output needs (a 64-channel layer never runs 256-wide tiles)."""
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        n, size = named_args["N"], named_args["x_ptr"].element_size()
+        widest = max(64, 1 << max(0, (n - 1).bit_length()))  # the power of two that covers N
+        allowed = set(DENSE_CONFIGS[(family, 4 if size >= 4 else 2)])
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest and
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) in allowed]
+        return kept or configs[:1]
+    return prune
 
 
 def quick_bench(kernel_call: Callable, quantiles=None):
@@ -158,12 +177,12 @@ def quick_bench(kernel_call: Callable, quantiles=None):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def autotuned(fn, sparse: bool, key: tuple[str, ...] = ("M", "N", "K")):
-    """``fn`` (a ``triton.jit`` function) under ``triton.autotune`` with ``gemm_configs(sparse)``."""
+def autotuned(fn, sparse: bool, family: str = "sic", key: tuple[str, ...] = ("M", "N", "K")):
+    """``fn`` (a ``triton.jit`` function) under ``triton.autotune`` with ``gemm_configs(sparse, family)``."""
     import triton
 
-    prune = None if sparse else {"early_config_prune": prune_gemm_configs}
-    return triton.autotune(configs=gemm_configs(sparse), key=list(key), prune_configs_by=prune,
+    prune = None if sparse or kernels_interpreted() else {"early_config_prune": prune_gemm_configs(family)}
+    return triton.autotune(configs=gemm_configs(sparse, family), key=list(key), prune_configs_by=prune,
                            do_bench=quick_bench)(fn)
 
 

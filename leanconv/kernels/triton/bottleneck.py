@@ -58,8 +58,8 @@ def _bottleneck_kernel(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, pbia
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_DENSE = autotuned(_bottleneck_kernel, sparse=False)
-_SPARSE = autotuned(_bottleneck_kernel, sparse=True)
+_DENSE = autotuned(_bottleneck_kernel, sparse=False, family="bottleneck")
+_SPARSE = autotuned(_bottleneck_kernel, sparse=True, family="bottleneck")
 
 
 def reduced_size(n: int, k: int, offset: int) -> int:
