@@ -75,7 +75,7 @@ def spatial_bottleneck(x: Tensor, dw: Tensor, weight: Tensor, pbias: Tensor, up:
 
     Args:
         x: ``(B, C_in, H, W)`` (made channels_last if it is not).
-        dw: ``(C_in, k*k)`` stride-k depthwise filters in k order; weight: ``(C_in, N)`` projection;
+        dw: ``(k*k, C_in)`` stride-k depthwise filters (tap-major) in k order; weight: ``(C_in, N)`` projection;
             pbias: ``(N,)`` its bias in n order (with the depthwise bias folded in).
         up: ``(N, k*k)`` the transposed depthwise filters, bias: ``(N,)``, both in channel order;
             res_scale: ``(N,)`` in n order; residual: ``(B, N, H, W)`` or None.

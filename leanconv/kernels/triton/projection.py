@@ -30,7 +30,7 @@ DOT_IN_FP32 = tl.constexpr(INTERPRETED)
 class PackedProjection:
     """A 1x1 projection (and the depthwise step before it) laid out for ``project_tile``."""
 
-    dw: Tensor | None        # (K, kh*kw) depthwise filters in k order (None: no depthwise step)
+    dw: Tensor | None        # (kh*kw, K) depthwise filters, tap-major, k order (None: no depthwise step)
     weight: Tensor           # (K, N) projection in k x n order, zeros where a topology has no connection
     bias: Tensor             # (N,) float32 in n order: the projection's bias + projection @ depthwise bias
     ksrc: Tensor | None      # (K,) int32 input channel read at each k position (None: k // mult)
@@ -84,7 +84,7 @@ def pack_projection(project: InferenceOp, dw: ConvOp | None = None, dense: bool 
     bias = found[1].float()
     dww = None
     if dw is not None:
-        dww = dw.weight.reshape(dw.weight.shape[0], -1).contiguous()  # (K, kh*kw)
+        dww = dw.weight.reshape(dw.weight.shape[0], -1).t().contiguous()  # (kh*kw, K): a tap's K are contiguous
         bias = bias + w.float() @ dw.bias.float()
     return PackedProjection(dww, w.t().contiguous(), bias.contiguous(), None, None, None)
 
@@ -103,7 +103,7 @@ def _pack_topo(op: TopoOp, dw: ConvOp | None) -> PackedProjection:
     bias = op.bias[op.out_perm].float()
     dww = None
     if dw is not None:
-        dww = dw.weight.reshape(dw.weight.shape[0], -1)[op.in_perm].contiguous()  # (K, kh*kw) grid order
+        dww = dw.weight.reshape(dw.weight.shape[0], -1)[op.in_perm].t().contiguous()  # (kh*kw, K) grid order
         bias = bias + weight.float().t() @ dw.bias[op.in_perm].float()
     ksrc = None if op.in_identity else (op.in_perm // mult).to(torch.int32).contiguous()
     nout = None if op.out_identity else op.out_perm.to(torch.int32).contiguous()
@@ -172,6 +172,8 @@ def project_tile(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, pid_m, pid
         k_ok = offs_k < K
         if GATHER_K:
             src = tl.load(ksrc_ptr + offs_k, mask=k_ok, other=0)
+        elif MULT == 1:
+            src = offs_k  # (kept apart from // MULT: the compiler then sees contiguous channels, vector loads)
         else:
             src = offs_k // MULT
         w_tile = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
@@ -186,7 +188,7 @@ def project_tile(x_ptr, dww_ptr, w_ptr, ksrc_ptr, kt_ptr, kt_idx_ptr, pid_m, pid
                     ok = row_ok & (iw >= 0) & (iw < W)
                     pix = img_base + (ih * W + iw).to(tl.int64) * C_in
                     xv = tl.load(x_ptr + pix[:, None] + src[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                    wv = tl.load(dww_ptr + offs_k * (KH * KW) + (i * KW + j), mask=k_ok, other=0.0)
+                    wv = tl.load(dww_ptr + (i * KW + j) * K + offs_k, mask=k_ok, other=0.0)
                     a += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
             a = a.to(w_tile.dtype)
         else:

@@ -62,7 +62,7 @@ def sic_layer(x: Tensor, dw: Optional[Tensor], weight: Tensor, bias: Tensor, res
 
     Args:
         x: ``(B, C_in, H, W)`` (made channels_last if it is not).
-        dw: ``(K, kh*kw)`` depthwise filters in k order, K = C_in * mult; None: no depthwise step
+        dw: ``(kh*kw, K)`` depthwise filters (tap-major) in k order, K = C_in * mult; None: no depthwise step
             (a 1x1 projection alone; ``kernel`` must be [1, 1]).
         weight: ``(K, N)`` projection; bias / res_scale: ``(N,)`` in n order.
         residual: ``(B, C_out, OH, OW)`` or None.
