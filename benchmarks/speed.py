@@ -12,6 +12,7 @@ channels_last, per-shape implementation choice timed at the benchmark's batch si
     python benchmarks/speed.py --models resnet50 --batches 16 --recipes sic-m2 --layers   # where time goes
     python benchmarks/speed.py ... --compile                    # also torch.compile (inductor), slow to build
     python benchmarks/speed.py --device cuda [--dtype float16]  # on a GPU: optimized and timed there
+    python benchmarks/speed.py --device cuda --dtype bfloat16,float32   # one table per dtype, one conversion each
 
 Weights are random (``weights=None``): speed does not depend on their values.
 """
@@ -173,8 +174,9 @@ def main() -> int:
                                                     "or cuda[:N] (then no onnxruntime column)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="with --device cuda: also time each network replayed from a CUDA graph (no launch overhead)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                    help="dtype of the timed networks and inputs (float16: CUDA only)")
+    ap.add_argument("--dtype", default="float32",
+                    help="dtype(s) of the timed networks and inputs, comma-separated: float32, float16 (CUDA "
+                         "only), bfloat16; one table each")
     ap.add_argument("--layers", action="store_true", help="per-layer breakdown instead of the summary table")
     ap.add_argument("--quick", action="store_true", help="resnet18 at 128, sic-m2 and unravel-b4, few repeats")
     ap.add_argument("--json", help="append result rows to this JSON-lines file")
@@ -186,14 +188,16 @@ def main() -> int:
         a.models, a.size, a.recipes = "resnet18", 128, a.recipes or "sic-m2,unravel-b4"
         a.repeats, a.tune_repeats = a.repeats or 3, 2
     torch.set_num_threads(a.threads)
-    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    dev, dtypes = torch.device(a.device), a.dtype.split(",")
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: CUDA is not available here")
-    if dtype is torch.float16 and dev.type != "cuda":
+    if any(d not in ("float32", "float16", "bfloat16") for d in dtypes):
+        ap.error(f"--dtype {a.dtype}: each must be float32, float16 or bfloat16")
+    if "float16" in dtypes and dev.type != "cuda":
         ap.error("--dtype float16 needs --device cuda")
     if a.cuda_graphs and dev.type != "cuda":
         ap.error("--cuda-graphs needs --device cuda")
-    a.no_onnx = a.no_onnx or dev.type != "cpu" or dtype is not torch.float32
+    a.no_onnx = a.no_onnx or dev.type != "cpu"
     recipes = a.recipes.split(",") if a.recipes else [r.name for r in leanconv.list_recipes()]
     batches = [int(b) for b in a.batches.split(",")]
     log(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
@@ -205,11 +209,19 @@ def main() -> int:
               "| realized | ORT speedup | ORT realized |" + (" compile speedup |" if a.compile else "")
               + (" graph orig ms | graph conv ms | graph speedup | graph realized |" if a.cuda_graphs else "")
               + " rel err vs f64 (opt / unopt) |")
-    if not a.layers:
-        print(header)
-        print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     tmp = tempfile.mkdtemp(prefix="leanconv-speed-")
-    for name in a.models.split(","):
+    # on a GPU each (model, recipe) is converted once and reused for every batch and dtype (the
+    # conversion does not depend on them unless min_speedup times layers); on the CPU, whose memory
+    # is shared, converted again each time
+    converted: dict[tuple[str, str], tuple] = {}
+    for dname, name in [(d, n) for d in dtypes for n in a.models.split(",")]:
+        dtype = getattr(torch, dname)
+        if not a.layers and name == a.models.split(",")[0]:
+            if len(dtypes) > 1:
+                print(f"\n{dname}\n")
+            print(header)
+            print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
+        no_onnx = a.no_onnx or dtype is not torch.float32
         base = build(name).to(dev)  # float32: converted here (min_speedup times layers on this device)
         x1 = torch.randn(1, 3, a.size, a.size)
         for batch in batches:
@@ -224,8 +236,14 @@ def main() -> int:
                     warnings.simplefilter("ignore")
                     sel = dataclasses.replace(leanconv.get_recipe(recipe).select, min_speedup=a.min_speedup,
                                               speed_batch=batch)
-                    conv_raw, plan = leanconv.convert(base, recipe, x1.to(dev), select=sel)
-                    conv_raw = conv_raw.to(dtype)
+                    key = (name, recipe)
+                    if key not in converted:
+                        conv_f32, plan = leanconv.convert(base, recipe, x1.to(dev), select=sel)
+                        if dev.type == "cuda" and not a.min_speedup:
+                            converted[key] = (conv_f32, plan)
+                    else:
+                        conv_f32, plan = converted[key]
+                    conv_raw = copy.deepcopy(conv_f32).to(dtype)
                 label = f"{recipe}@{a.min_speedup:g}" if a.min_speedup else recipe
                 conv = leanconv.optimize(conv_raw, x, repeats=a.tune_repeats)
                 log(f"{name} b{batch} {label}: {len(plan.converted)}/{len(plan.layers)} layers converted, optimized in {time.time() - t:.0f}s")
@@ -234,7 +252,7 @@ def main() -> int:
                 err, err_raw = fidelity(conv, conv_raw, x[:1])
                 if a.layers:
                     rows = layer_breakdown(orig, conv, plan, xc, reps)
-                    where = f"{a.threads} threads" if dev.type == "cpu" else f"{dev}, {a.dtype}"
+                    where = f"{a.threads} threads" if dev.type == "cpu" else f"{dev}, {dname}"
                     print(f"\n{name}, batch {batch}, {label} ({where})\n")
                     print("| layer | input (C,H,W) | orig ms | conv ms | speedup | theoretical | realized | implementation |")
                     print("|---|---|---|---|---|---|---|---|")
@@ -246,7 +264,7 @@ def main() -> int:
                 with torch.no_grad():
                     tm = time_interleaved({"orig": lambda: orig(xc), "conv": lambda: conv(xc)}, reps, 2, dev)
                 eager = tm["orig"].median / tm["conv"].median
-                ort = None if a.no_onnx else ort_times({"orig": base, "conv": conv_raw}, x, a.threads, reps, 2, tmp)
+                ort = None if no_onnx else ort_times({"orig": base, "conv": conv_raw}, x, a.threads, reps, 2, tmp)
                 ort_sp = ort["orig"] / ort["conv"] if ort else None
                 comp = compiled_times({"orig": orig, "conv": conv}, xc, reps, 1, dev) if a.compile else None
                 graph = None
@@ -267,7 +285,7 @@ def main() -> int:
                        "graph_conv_ms": graph["conv"] * 1e3 if graph else None,
                        "graph_speedup": graph["orig"] / graph["conv"] if graph else None, "rel_err_opt": err,
                        "rel_err_unopt": err_raw,
-                       "device": str(dev), "dtype": a.dtype, "threads": a.threads, "size": a.size,
+                       "device": str(dev), "dtype": dname, "threads": a.threads, "size": a.size,
                        "choices": [c.to_dict() for c in leanconv.implementation_choices(conv)]}
                 f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
                 print(f"| {name} | {batch} | {label} | {plan.mac_ratio:.3f} | {theory:.2f} | {f(row['eager_orig_ms'], 1)} | "

@@ -120,7 +120,10 @@ def _faster(m: nn.Module, reference: nn.Module, example_inputs, repeats: int, cl
     import statistics
     import time
 
+    from leanconv.measure.timing import _sync
+
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    device = next((a.device for a in args if isinstance(a, Tensor)), None)  # CUDA: timed to completion
     fns = {"opt": lambda: m(*args), "ref": lambda: reference(*args)}
     for fn in fns.values():
         fn()
@@ -128,8 +131,10 @@ def _faster(m: nn.Module, reference: nn.Module, example_inputs, repeats: int, cl
     start = time.perf_counter()
     for r in range(max(3, repeats)):
         for k, fn in fns.items():
+            _sync(device)
             t = time.perf_counter()
             fn()
+            _sync(device)
             samples[k].append(time.perf_counter() - t)
         if r == 0 and samples["opt"][0] < clear * samples["ref"][0]:
             return True
