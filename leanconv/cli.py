@@ -503,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         setup(p)
         p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                       help="CPU threads for torch (default: torch's, usually one per core); latency figures "
-                            "state the count. On a machine shared with other jobs, 1 thread times far more steadily")
+                       help="CPU threads for torch (default: torch's, usually one per core). Latency is timed with N "
+                            "threads when given, else with the cores other jobs leave free; reports state the count")
         p.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
         p.set_defaults(func=fn)
     return parser
