@@ -30,15 +30,14 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.calibrate.capture import hooks, input_of
-from leanconv.calibrate.evaluate import logits_of
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import relative_error
-from leanconv.errors import ConfigError, DataError
+from leanconv.errors import ConfigError
+from leanconv.logits import find_logits, first_tensor, kl_divergence
 from leanconv.measure.complexity import count
 from leanconv.measure.latency import layer_speed
 from leanconv.plan import human
@@ -471,28 +470,17 @@ def _damage(original: nn.Module, conv: nn.Conv2d, block: nn.Module, held: list[T
     with hooks(post={conv: swap}):
         for x, r in zip(held, reference):
             out = original(x)
-            lo, lr = logits_of(out), logits_of(r)
+            lo, lr = find_logits(out), find_logits(r)
             if lo is not None and lr is not None:
-                kl += float(F.kl_div(F.log_softmax(lo.double(), 1), F.log_softmax(lr.double(), 1),
-                                     reduction="sum", log_target=True))
+                kl += float(kl_divergence(lo.double(), lr.double()))
                 n += len(x)
             else:
-                a, b = _tensor(out).double(), _tensor(r).double()
+                a, b = first_tensor(out).double(), first_tensor(r).double()
                 err += float((a - b).pow(2).sum())
                 ref += float(b.pow(2).sum())
     if n:
         return kl / n
     return err / ref if ref > 0 else err
-
-
-def _tensor(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    if isinstance(out, dict) and out:
-        return next(iter(out.values()))
-    raise DataError(f"cannot compare the network's outputs of type {type(out).__name__}")
 
 
 def _weight(cands: list[Candidate], weighting: Weighting) -> float:
