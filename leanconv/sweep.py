@@ -335,12 +335,9 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     Raises:
         ModelError: a run that has not finished.
     """
-    from tqdm.auto import tqdm
-
     import leanconv
-    from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+    from leanconv.measure.latency import latency_table
     from leanconv.measure.timing import timing_threads
-    from leanconv.report import inference_copy
 
     reports = {}
     for cfg in runs:
@@ -360,20 +357,9 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     for cfg in runs:  # the runs' source is the sweep's (given or trusted), whatever their manifests say
         models[cfg.recipe.name] = leanconv.load(cfg.out, base=cfg.source.build(with_weights=False)).eval()
     budget = latency_budget_s if latency_budget_s is not None else first.latency_budget_s
-    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     threads, _ = timing_threads()  # fewer when other processes keep cores busy
-    lat: dict[str, dict[str, dict[int, float]]] = {n: {} for n in models}
-    example = torch.randn((1,) + shape)
-    for dev in devices:
-        ready = {n: inference_copy(m, example, dev) for n, m in models.items()}
-        for b in tqdm(first.report_batches, desc=f"latency {dev}", disable=not progress, leave=False):
-            t = time_models(ready, shape, b, dev, threads=threads, budget_s=budget)
-            for n in ready:
-                lat[n].setdefault(dev, {})[b] = t[n].median_ms
-    if has_onnxruntime():  # as `leanconv export --onnx` writes them, as in the reports
-        ort = onnxruntime_latency_ms(models, shape, tuple(first.report_batches), threads, budget, progress)
-        for n, per in ort.items():
-            lat[n]["onnxruntime"] = per
+    lat = latency_table(models, shape, tuple(first.report_batches), threads=threads, budget_s=budget,
+                        progress=progress)
     rep0 = reports[first.recipe.name]
     o = rep0["original"]
     rows = [SweepRow(ORIGINAL, o["macs"], o["params"], o.get("top1"), o.get("top5"), lat[ORIGINAL])]
