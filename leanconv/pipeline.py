@@ -160,7 +160,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, started: list):
         t = time.perf_counter()
         layers = None
         if cfg.target_macs is not None:
-            from leanconv.recipes.budget import solve_budget
+            from leanconv.budget import solve_budget
 
             solution = solve_budget(original, cfg.recipe, example, calib_data, cfg.target_macs, select=cfg.select,
                                     progress=progress and is_main_process())

@@ -9,8 +9,8 @@ import torch
 import leanconv
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.errors import ConfigError
-from leanconv.recipes.budget import BudgetConfig, choose, size_candidates, solve_budget
-from leanconv.recipes.knapsack import multiple_choice_knapsack
+from leanconv.budget import BudgetConfig, choose, size_candidates, solve_budget
+from leanconv.budget import multiple_choice_knapsack
 
 SMALL_MENU_LABELS = ("unravel-b1", "unravel-b4", "sic-m2", "sic-bottleneck")
 
@@ -63,7 +63,7 @@ def small():
 
 
 def _menu(recipe="sic-m2"):
-    from leanconv.recipes.budget import default_menu
+    from leanconv.budget import default_menu
     full = default_menu(leanconv.get_recipe(recipe))
     return {k: full[k] for k in SMALL_MENU_LABELS}
 
@@ -71,7 +71,7 @@ def _menu(recipe="sic-m2"):
 @pytest.fixture(scope="module")
 def measured(small):
     """Candidates of the small net measured once (the expensive part), reused by the tests below."""
-    from leanconv.recipes.budget import measure_candidates
+    from leanconv.budget import measure_candidates
     model, example, data = small
     sized = size_candidates(model, "sic-m2", example, menu=_menu())
     cfg = BudgetConfig(images=32, holdout=16, steps=5)
@@ -111,7 +111,7 @@ def test_budget_at_or_above_original_keeps_everything(small):
 
 @pytest.mark.parametrize("target", [0.01, -1, 0, float("nan"), "half", True])
 def test_impossible_or_bad_budget_is_refused_before_any_calibration(small, target, monkeypatch):
-    import leanconv.recipes.budget as budget
+    import leanconv.budget.solver as budget
     model, example, data = small
 
     def fail(*a, **k):
@@ -136,7 +136,7 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
     (its reason says so); the others stay; without it nothing is timed."""
     import dataclasses
 
-    import leanconv.recipes.budget as budget
+    import leanconv.budget.solver as budget
     from leanconv.measure.latency import LayerSpeed
     model, example, _ = small
     timed = []
@@ -156,7 +156,7 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
         assert not by["sic-bottleneck"].usable
     assert timed and set(timed) == {4}
     assert sized.layers[0].candidates[1].speedup == 2.0  # unravel-b1: measured, usable
-    from leanconv.recipes.budget import _unusable
+    from leanconv.budget.solver import _unusable
     assert _unusable(by["sic-m2"]) == "slower (0.50x)" and by["sic-bottleneck"].speedup == 0.5
     timed.clear()
     size_candidates(model, "sic-m2", example, menu=_menu())

@@ -41,7 +41,7 @@ from leanconv.logits import find_logits, first_tensor, kl_divergence
 from leanconv.measure.complexity import count
 from leanconv.measure.latency import layer_speed
 from leanconv.plan import human
-from leanconv.recipes.knapsack import multiple_choice_knapsack
+from leanconv.budget.knapsack import multiple_choice_knapsack
 from leanconv.recipes.registry import Recipe, get_recipe
 from leanconv.recipes.spec import Bottleneck, LayerSpec, Method, Selection, _enum
 
