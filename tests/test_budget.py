@@ -97,6 +97,29 @@ def test_budget_is_met_within_two_percent_and_convert_agrees(small, measured, fr
     assert "chosen" in sol.table()
 
 
+def test_convert_takes_the_solvers_replacements_as_handed(small, measured):
+    """convert puts in a copy of what the solver built (not a rebuild), keeps the rest with the
+    solver's reason, and the solution stays as it was."""
+    model, example, _ = small
+    sol = choose(measured, _target(measured, 0.5))
+    choices = sol.layers
+    name, marked = next((n, c) for n, c in choices.items() if c.block is not None)
+    with torch.no_grad():  # a mark no rebuild from the conv could make
+        next(marked.block.parameters()).mul_(3.0)
+    want = {k: v.clone() for k, v in marked.block.state_dict().items()}
+    converted, plan = leanconv.convert(model, "sic-m2", example, layers=choices)
+    got = converted.get_submodule(name).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert converted.get_submodule(name) is not marked.block  # a copy: the solution can be used again
+    rows = {l.name: l for l in plan.layers}
+    for n, c in choices.items():
+        assert rows[n].converted == (c.block is not None)
+        if c.block is None:
+            assert "kept by the budget solver" in rows[n].reason
+        else:
+            assert rows[n].method != "keep" and rows[n].params_after == sum(p.numel() for p in c.block.parameters())
+
+
 def test_larger_budget_never_costs_more_error(small, measured):
     objectives = [choose(measured, _target(measured, f)).objective for f in (0.15, 0.5, 0.8)]
     assert objectives[0] >= objectives[1] >= objectives[2]
@@ -105,7 +128,7 @@ def test_larger_budget_never_costs_more_error(small, measured):
 def test_budget_at_or_above_original_keeps_everything(small):
     model, example, data = small
     sol = solve_budget(model, "sic-m2", example, data, 1.0, menu=_menu(), progress=False)
-    assert all(spec is None for spec in sol.layers.values())
+    assert all(c.block is None and c.spec is None and "budget solver" in c.reason for c in sol.layers.values())
     assert sol.macs_after == sol.macs_before
 
 
