@@ -91,7 +91,7 @@ def _start(cfg: RunConfig, resume: bool) -> dict:
         failed = f" at: {info.get('error')}" if info["status"] == "failed" else ""
         raise ConfigError(f"{cfg.out} already holds a run (status {info['status']}{failed}); continue it with "
                           f"--resume or choose another --out")
-    cfg.check_resume(saved_fields(info), str(cfg.out))
+    cfg.check_resume(saved_fields(info), str(path), str(cfg.out))
     return info.get("stages", {})
 
 

@@ -99,7 +99,7 @@ class RunConfig:
             raise ModelError(f"{where} is damaged: a run's settings are incomplete or mistyped "
                              f"({type(e).__name__}: {e})") from None
 
-    def check_resume(self, saved: object, where: str, what: str = "the run") -> None:
+    def check_resume(self, saved: object, file: str, where: str, what: str = "the run") -> None:
         """Refuse to continue a run that was started with other settings.
 
         ``saved`` (its ``to_dict``, as a file holds it, from this leanconv or an older one) is read
@@ -107,13 +107,14 @@ class RunConfig:
         left out, lists for tuples) is not a difference.
 
         Args:
-            where: the directory being resumed, for the message; what: "the run of 'recipe'" in a sweep.
+            file: the file ``saved`` was read from; where: the directory being resumed; what: "the
+                run of 'recipe'" in a sweep (all three for messages).
         Raises:
             ConfigError: one line naming every differing field (``recipe.finetune.epochs``) with
                 both values. ModelError: ``saved`` is damaged.
         """
         # trust_source=True: the saved source is only compared here, never built
-        old = _canonical(RunConfig.from_dict(saved, self.out, f"{where}/run.json", trust_source=True).to_dict())
+        old = _canonical(RunConfig.from_dict(saved, self.out, file, trust_source=True).to_dict())
         new = _canonical(self.to_dict())
         diffs = [d for k in self.RESUME_FIELDS for d in _differences(k, old[k], new[k])]
         if diffs:

@@ -285,7 +285,8 @@ def _sweep(runs: list[RunConfig], d: Path, resume: bool, progress: bool,
         if (cfg.out / RUN_FILE).is_file():
             if not resume:
                 raise ConfigError(f"{cfg.out} already holds a run; continue it with --resume or choose another --out")
-            cfg.check_resume(saved_fields(read_run(cfg.out)), str(d), f"the run of {cfg.recipe.name!r}")
+            cfg.check_resume(saved_fields(read_run(cfg.out)), str(cfg.out / RUN_FILE), str(d),
+                             f"the run of {cfg.recipe.name!r}")
     from leanconv.data import DataSpec
 
     DataSpec.parse(runs[0].data)  # a malformed spec fails before anything is written

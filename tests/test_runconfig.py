@@ -68,9 +68,9 @@ def test_resume_accepts_what_differs_only_in_form(legacy_run):
     del fields["recipe"]["calibration"]["seed"]  # a default left out (an older or hand-written file)
     fields["recipe"]["finetune"]["epochs"] = 0.5
     fields["select"]["include"] = list(fields["select"]["include"])  # lists for tuples
-    cfg.check_resume(fields, str(legacy_run))
+    cfg.check_resume(fields, str(legacy_run / RUN_FILE), str(legacy_run))
     # what is only reported (batches, latency budget) may change on resume
-    dataclasses.replace(cfg, report_batches=(8,), latency_budget_s=3.0).check_resume(fields, str(legacy_run))
+    dataclasses.replace(cfg, report_batches=(8,), latency_budget_s=3.0).check_resume(fields, "run.json", str(legacy_run))
 
 
 @pytest.mark.parametrize("change, field", [
@@ -92,4 +92,4 @@ def test_a_damaged_saved_config_is_refused_naming_the_file(legacy_run):
     fields = saved_fields(read_run(legacy_run))
     fields["recipe"]["finetune"]["epochs"] = "many"
     with pytest.raises(ModelError, match=r"run\.json is damaged"):
-        legacy_config(legacy_run).check_resume(fields, str(legacy_run))
+        legacy_config(legacy_run).check_resume(fields, str(legacy_run / RUN_FILE), str(legacy_run))
