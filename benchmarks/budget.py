@@ -24,7 +24,7 @@ import leanconv
 from leanconv.data import fashion_mnist
 from leanconv.demo import TEACHER_SPEC, DemoConfig, ensure_teacher
 from leanconv.models import ModelSource
-from leanconv.recipes.budget import BudgetConfig, solve_budget
+from leanconv.budget import BudgetConfig, solve_budget
 from leanconv.serialize import write_json
 
 

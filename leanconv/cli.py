@@ -302,8 +302,6 @@ def _setup_run(p, recipe: bool = True, required: bool = True):
 
 
 def run_config(args, recipe=None):
-    import dataclasses
-
     import leanconv
     from leanconv.pipeline import RunConfig
 
@@ -312,12 +310,9 @@ def run_config(args, recipe=None):
         raise ConfigError("give the run directory with --out DIR (or --resume DIR)")
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise ConfigError(f"--resume {args.resume} and --out {args.out} name different directories")
-    recipe = recipe or leanconv.get_recipe(args.recipe)
-    ft = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
-          if v is not None}
-    cal = {"images": args.calib_images} if args.calib_images is not None else {}
-    recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, **ft),
-                                 calibration=dataclasses.replace(recipe.calibration, **cal))
+    ft = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    overrides = {"finetune": ft, "calibration": {"images": args.calib_images} if args.calib_images is not None else {}}
+    recipe = (recipe or leanconv.get_recipe(args.recipe)).with_overrides(overrides)  # as a sweep's recipe_runs
     source = model_source(args)
     resolve_input(args, source, args.data)
     return RunConfig(source, recipe, args.data, Path(out), args.input_size, args.in_chans,

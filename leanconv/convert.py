@@ -16,12 +16,12 @@ from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
 from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
 from leanconv.passes.plain import as_plain_conv
-from leanconv.plan import ConversionPlan, LayerPlan
+from leanconv.plan import ConversionPlan, LayerChoice, LayerPlan
 from leanconv.recipes import LayerSpec, Recipe, Selection, get_recipe
 
 
 def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs: Tensor | tuple | None = None, *,
-            select: Selection | None = None, layers: dict[str, LayerSpec | None] | None = None,
+            select: Selection | None = None, layers: dict[str, LayerChoice | LayerSpec | None] | None = None,
             source: ModelSource | None = None, inplace: bool = False,
             progress: bool = False) -> tuple[nn.Module, ConversionPlan]:
     """Replace the dense k x k convs of ``model`` with the layers of ``recipe``.
@@ -32,8 +32,10 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
         example_inputs: one batch ``(B, C, H, W)`` (or a tuple of forward arguments) at the size
             the network will run at; it sets shapes and the MAC counts.
         select: overrides the recipe's selection of convs.
-        layers: per-layer choices (e.g. from the budget solver): a LayerSpec for a selected conv,
-            or None to keep it; selected convs not named use the recipe's spec.
+        layers: per-layer choices for selected convs: a ``LayerChoice`` (the budget solver's
+            ``solution.layers``: its replacement is put in as it was built and measured there), a
+            LayerSpec (taken as asked: no ``only_cheaper`` or ``min_speedup`` check), or None to keep
+            the conv; selected convs not named use the recipe's spec.
         source: how to build the base model again (for ``save``/``load``); inferred for
             torchvision models when not given.
         inplace: convert ``model`` itself instead of a copy.
@@ -62,18 +64,24 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                   if isinstance(a, Tensor) and a.dim() > 0), 1)
     reasons: dict[str, str] = {c.site.name: c.reason for c in candidates if c.reason}
     todo = [c.site for c in candidates if c.selected]
+    chosen = {n: c for n, c in (layers or {}).items() if isinstance(c, LayerChoice)}  # ready: taken as handed
     specs = {s.name: (layers or {}).get(s.name, recipe.layer) for s in todo}
+    specs.update({n: c.spec for n, c in chosen.items() if n in specs})
     for name in (layers or {}):
         if name not in specs:
             raise ConfigError(f"per-layer choice for {name!r}, which is not a selected conv of the model")
     for site in tqdm(todo, desc=f"convert ({recipe.name})", disable=not progress, leave=False):
         conv = as_plain_conv(target.get_submodule(site.name))  # the kernel a Conv2d subclass really applies
-        if specs[site.name] is None:
-            reasons[site.name] = "kept by the per-layer choice (budget solver)"
+        choice = chosen.get(site.name)
+        if specs[site.name] is None or (choice is not None and choice.block is None):
+            reasons[site.name] = choice.reason if choice is not None else "kept by the per-layer choice"
             continue
         try:
-            new = specs[site.name].build(conv, _shift(facts, site, target))
+            new = copy.deepcopy(choice.block) if choice is not None else \
+                specs[site.name].build(conv, _shift(facts, site, target))
             _check_shape(new, site)
+            if choice is not None and choice.speed is not None:
+                speeds[site.name] = choice.speed  # measured where it was chosen
             asked = site.name in (layers or {})  # a per-layer choice is taken as asked
             if sel.only_cheaper and not asked:
                 _check_cheaper(new, conv, site)

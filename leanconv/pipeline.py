@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,50 +27,11 @@ from torch.utils.data import Dataset, Subset
 from leanconv.errors import ConfigError, LeanconvError, ModelError
 from leanconv.finetune import Interrupted
 from leanconv.models import ModelSource, check_trusted
-from leanconv.recipes import Recipe, Selection
+from leanconv.runconfig import RunConfig
 from leanconv.serialize import MANIFEST, load, load_plan, locked, read_record, require, save, write_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "leanconv-run/1"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything ``run`` needs; saved in run.json so ``--resume`` and ``report`` can check it."""
-
-    source: ModelSource                    # the trained base model
-    recipe: Recipe                         # conversion, calibration and fine-tuning settings
-    data: str                              # data spec: imagefolder:PATH | fashion-mnist[:PATH]
-    out: Path                              # run directory
-    input_size: int = 224                  # square input size
-    in_chans: int = 3
-    select: Selection | None = None        # overrides the recipe's selection
-    target_macs: float | None = None       # budget: fraction of the original's MACs (<= 1) or absolute
-    train_images: int | None = None        # use only the first N training images (quick runs)
-    eval_images: int | None = None         # evaluate on the first N validation images
-    report_batches: tuple[int, ...] = (1, 32)
-    latency_budget_s: float = 20.0         # per device and batch size, for both networks
-    calibrate: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("input_size", "in_chans", "train_images", "eval_images"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a whole number of at least 1 (or None for "
-                                  f"{'all images' if name.endswith('images') else 'the default'}), got {v!r}")
-        if not self.report_batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                                          for b in self.report_batches):
-            raise ConfigError(f"report_batches must be batch sizes of at least 1, got {self.report_batches!r}")
-        if not self.latency_budget_s > 0:
-            raise ConfigError(f"latency_budget_s must be positive, got {self.latency_budget_s!r}")
-
-    def fingerprint(self) -> dict:
-        """What must match for ``--resume`` to continue this run."""
-        return {"source": self.source.to_dict(), "recipe": self.recipe.to_dict(), "data": self.data,
-                "input_size": self.input_size, "in_chans": self.in_chans,
-                "select": self.select.to_dict() if self.select else None, "target_macs": self.target_macs,
-                "train_images": self.train_images, "seed": self.seed}
 
 
 def is_main_process() -> bool:
@@ -93,27 +53,27 @@ def read_run(directory: str | os.PathLike) -> dict:
     return info
 
 
-def run_settings(directory: str | os.PathLike, trust_source: bool | str = False) -> tuple[ModelSource, dict]:
-    """The base model's source (checked: see ``check_trusted``) and the settings of a run, from its run.json.
+def saved_config(directory: str | os.PathLike, trust_source: bool | str = False) -> RunConfig:
+    """The settings a run was started with, from its run.json (one written by an older leanconv too).
 
+    Args:
+        trust_source: let a ``package.module:factory`` source stand (see ``check_trusted``).
     Raises:
         ModelError: a damaged run.json, or a source that would run code the user did not trust.
     """
-    path = Path(directory) / RUN_FILE
-    c = read_run(directory)["config"]
-    source = ModelSource.from_dict(require(c, "source", dict, path), str(path))
-    check_trusted(source, trust_source, str(path))
-    require(c, "data", str, path)
-    for key in ("input_size", "in_chans"):
-        if not 1 <= require(c, key, int, path) <= 65536:
-            raise ModelError(f"{path} is damaged: {key} {c[key]} is out of range")
-    return source, c
+    d = Path(directory)
+    info = read_run(d)
+    return RunConfig.from_dict(saved_fields(info), d, str(d / RUN_FILE), trust_source)
+
+
+def saved_fields(info: dict) -> dict:
+    """run.json's config; before RunConfig.to_dict, report_batches and eval_images stood beside it."""
+    return {**{k: info[k] for k in ("report_batches", "eval_images") if k in info}, **info["config"]}
 
 
 def _write_run(cfg: RunConfig, status: str, stages: dict, error: str | None = None) -> None:
     if is_main_process():
-        write_json(cfg.out / RUN_FILE, {"format": RUN_FORMAT, "status": status, "config": cfg.fingerprint(),
-                                        "report_batches": list(cfg.report_batches), "eval_images": cfg.eval_images,
+        write_json(cfg.out / RUN_FILE, {"format": RUN_FORMAT, "status": status, "config": cfg.to_dict(),
                                         "stages": stages, **({"error": error} if error else {})})
 
 
@@ -131,11 +91,7 @@ def _start(cfg: RunConfig, resume: bool) -> dict:
         failed = f" at: {info.get('error')}" if info["status"] == "failed" else ""
         raise ConfigError(f"{cfg.out} already holds a run (status {info['status']}{failed}); continue it with "
                           f"--resume or choose another --out")
-    old, new = info["config"], cfg.fingerprint()
-    diff = sorted(k for k in new if old.get(k) != new[k])
-    if diff:
-        raise ConfigError(f"--resume {cfg.out}: the run was started with other settings ({', '.join(diff)} "
-                          f"differ); use the same arguments or another --out")
+    cfg.check_resume(saved_fields(info), str(path), str(cfg.out))
     return info.get("stages", {})
 
 
@@ -204,7 +160,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, started: list):
         t = time.perf_counter()
         layers = None
         if cfg.target_macs is not None:
-            from leanconv.recipes.budget import solve_budget
+            from leanconv.budget import solve_budget
 
             solution = solve_budget(original, cfg.recipe, example, calib_data, cfg.target_macs, select=cfg.select,
                                     progress=progress and is_main_process())
@@ -278,14 +234,11 @@ def report_directory(directory: str | os.PathLike, *, data: str | None = None, b
         if info["status"] != "finished":
             raise ModelError(f"the run in {d} has not finished (status: {info['status']}); continue it with "
                              f"`leanconv run ... --resume --out {d}`")
-        source, c = run_settings(d, trust_source)
-        data = data or c["data"]
-        saved = info.get("report_batches")
-        batches = batches or (tuple(saved) if isinstance(saved, list) and saved and
-                              all(isinstance(b, int) and b >= 1 for b in saved) else (1, 32))
-        saved = info.get("eval_images")
-        eval_images = eval_images or (saved if isinstance(saved, int) and saved >= 1 else None)
-        size, chans = c["input_size"], c["in_chans"]
+        saved = saved_config(d, trust_source)
+        source, data = saved.source, data or saved.data
+        batches = batches or saved.report_batches
+        eval_images = eval_images or saved.eval_images
+        size, chans = saved.input_size, saved.in_chans
     else:
         from leanconv.serialize import read_manifest
 

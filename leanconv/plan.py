@@ -2,6 +2,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What was decided for one conv before ``convert`` (by the budget solver), handed over as it was
+    computed: ``convert`` puts a copy of ``block`` in (no rebuild, no new checks or timing) or keeps
+    the conv, and its plan carries ``spec``, ``reason`` and ``speed``."""
+
+    block: "nn.Module | None"          # the replacement, built from the conv (data-free start); None: keep it
+    spec: Any = None                   # the LayerSpec ``block`` was built from (None: keep)
+    reason: str = ""                   # why the conv is kept (shown in the plan)
+    speed: Any = None                  # LayerSpeed measured against the conv (select.min_speedup), or None
 
 
 @dataclass(frozen=True)

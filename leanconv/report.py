@@ -2,7 +2,6 @@
 JSON, Markdown and a plot."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from leanconv.measure.accuracy import compare
-from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+from leanconv.measure.latency import latency_table
 from leanconv.measure.timing import timing_threads
 from leanconv.plan import ConversionPlan, human
 from leanconv.serialize import atomic_write, write_json
@@ -143,16 +142,6 @@ def layer_rows(plan: ConversionPlan, calibration: dict | None = None) -> list[di
     return rows
 
 
-def inference_copy(model: nn.Module, example: torch.Tensor, device: str = "cpu") -> nn.Module:
-    """A deployment-ready copy, as both networks are timed: ``leanconv.optimize`` on CPU (its
-    kernels are CPU ones); on CUDA the eval-mode model in channels_last, unchanged otherwise."""
-    if torch.device(device).type != "cpu":
-        return copy.deepcopy(model).eval().to(device, memory_format=torch.channels_last)
-    from leanconv.optimize import optimize
-
-    return optimize(copy.deepcopy(model).eval().cpu(), example.cpu())
-
-
 def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan, *, model_name: str,
                  data=None, eval_images: int | None = None, batches: tuple[int, ...] = (1, 32),
                  devices: tuple[str, ...] | None = None, threads: int | None = None,
@@ -160,34 +149,17 @@ def build_report(original: nn.Module, converted: nn.Module, plan: ConversionPlan
                  latency_budget_s: float = 20.0, progress: bool = True, onnxruntime: bool | None = None) -> Report:
     """Measure original and converted side by side.
 
-    Latency is measured on the optimized copies (the same preparation for both), on CPU always and
-    on CUDA when present, interleaved in one process; with ``onnxruntime`` (default: when it is
-    installed and CPU is measured) also in onnxruntime, both networks as ``leanconv export --onnx``
-    writes them. Accuracy only when ``data`` is given.
+    Latency: ``leanconv.measure.latency.latency_table`` (optimized copies, the same preparation for
+    both, on CPU always and on CUDA when present, interleaved in one process; with ``onnxruntime``,
+    default when it is installed and CPU is measured, also in onnxruntime). Accuracy only when
+    ``data`` is given.
     """
-    from tqdm.auto import tqdm
-
     shape = tuple(plan.input_shape)
-    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
     note = None
     if not threads:
         threads, note = timing_threads()
-    lat: dict[str, dict[str, dict[int, float]]] = {"original": {}, "converted": {}}
-    steps = [(d, b) for d in devices for b in batches]
-    for dev, b in tqdm(steps, desc="latency", disable=not progress, leave=False):
-        example = torch.randn((1,) + shape)
-        models = {"original": inference_copy(original, example, dev),
-                  "converted": inference_copy(converted, example, dev)}
-        t = time_models(models, shape, b, dev, threads=threads, budget_s=latency_budget_s)
-        for name in models:
-            lat[name].setdefault(dev, {})[b] = t[name].median_ms
-    if onnxruntime is None:
-        onnxruntime = "cpu" in devices and has_onnxruntime()
-    if onnxruntime:
-        ort = onnxruntime_latency_ms({"original": original, "converted": converted}, shape, batches, threads,
-                                     latency_budget_s, progress)
-        for name, per in ort.items():
-            lat[name]["onnxruntime"] = per
+    lat = latency_table({"original": original, "converted": converted}, shape, tuple(batches), devices=devices,
+                        threads=threads, budget_s=latency_budget_s, onnxruntime=onnxruntime, progress=progress)
     top = {"original": (None, None), "converted": (None, None)}
     agreement = kl = None
     n = 0

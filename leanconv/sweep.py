@@ -20,11 +20,10 @@ from typing import Sequence
 
 import torch
 
-from leanconv.errors import ConfigError, LeanconvError, ModelError
-from leanconv.models import ModelSource, check_trusted
-from leanconv.pipeline import RUN_FILE, RunConfig, is_main_process, read_run, run
+from leanconv.errors import ConfigError, ModelError
+from leanconv.pipeline import RUN_FILE, RunConfig, is_main_process, read_run, run, saved_fields
 from leanconv.plan import human
-from leanconv.recipes import Recipe, Selection, get_recipe
+from leanconv.recipes import Recipe, get_recipe
 from leanconv.serialize import atomic_write, locked, read_record, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -155,13 +154,8 @@ class SweepResult:
 
 
 def run_to_dict(cfg: RunConfig) -> dict:
-    """A run's settings as JSON, its directory relative to the sweep's."""
-    return {"source": cfg.source.to_dict(), "recipe": cfg.recipe.to_dict(), "data": cfg.data, "dir": cfg.out.name,
-            "input_size": cfg.input_size, "in_chans": cfg.in_chans,
-            "select": cfg.select.to_dict() if cfg.select else None, "target_macs": cfg.target_macs,
-            "train_images": cfg.train_images, "eval_images": cfg.eval_images,
-            "report_batches": list(cfg.report_batches), "latency_budget_s": cfg.latency_budget_s,
-            "calibrate": cfg.calibrate, "seed": cfg.seed}
+    """A run's entry in sweep.json: its settings and its directory's name inside the sweep."""
+    return {**cfg.to_dict(), "dir": cfg.out.name}
 
 
 def run_from_dict(d: dict, directory: Path, trust_source: bool | str = False) -> RunConfig:
@@ -173,22 +167,10 @@ def run_from_dict(d: dict, directory: Path, trust_source: bool | str = False) ->
         ModelError: a damaged entry (naming sweep.json), or an untrusted factory.
     """
     where = str(directory / SWEEP_FILE)
-    try:
-        source = ModelSource.from_dict(d["source"], where)
-        check_trusted(source, trust_source, where)
-        name = d["dir"]
-        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name:
-            raise ModelError(f"{where} is damaged: run directory {name!r:.80} is not a name inside the sweep")
-        return RunConfig(source, Recipe.from_dict(d["recipe"]), d["data"], directory / name, d["input_size"],
-                         d["in_chans"], Selection.from_dict(d["select"]) if d.get("select") else None,
-                         d.get("target_macs"), d.get("train_images"), d.get("eval_images"),
-                         tuple(d["report_batches"]), d["latency_budget_s"], d["calibrate"], d["seed"])
-    except LeanconvError as e:
-        if str(e).startswith(where):
-            raise
-        raise ModelError(f"{where} is damaged: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ModelError(f"{where} is damaged: a run's settings are incomplete ({type(e).__name__}: {e})") from None
+    name = d.get("dir") if isinstance(d, dict) else None
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ModelError(f"{where} is damaged: run directory {name!r:.80} is not a name inside the sweep")
+    return RunConfig.from_dict(d, directory / name, where, trust_source)
 
 
 def read_sweep(directory: str | os.PathLike) -> dict:
@@ -303,11 +285,8 @@ def _sweep(runs: list[RunConfig], d: Path, resume: bool, progress: bool,
         if (cfg.out / RUN_FILE).is_file():
             if not resume:
                 raise ConfigError(f"{cfg.out} already holds a run; continue it with --resume or choose another --out")
-            old, new = read_run(cfg.out)["config"], cfg.fingerprint()
-            diff = sorted(k for k in new if old.get(k) != new[k])
-            if diff:
-                raise ConfigError(f"--resume {d}: the run of {cfg.recipe.name!r} was started with other settings "
-                                  f"({', '.join(diff)} differ); use the same arguments or another --out")
+            cfg.check_resume(saved_fields(read_run(cfg.out)), str(cfg.out / RUN_FILE), str(d),
+                             f"the run of {cfg.recipe.name!r}")
     from leanconv.data import DataSpec
 
     DataSpec.parse(runs[0].data)  # a malformed spec fails before anything is written
@@ -335,12 +314,9 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     Raises:
         ModelError: a run that has not finished.
     """
-    from tqdm.auto import tqdm
-
     import leanconv
-    from leanconv.measure.latency import has_onnxruntime, onnxruntime_latency_ms, time_models
+    from leanconv.measure.latency import latency_table
     from leanconv.measure.timing import timing_threads
-    from leanconv.report import inference_copy
 
     reports = {}
     for cfg in runs:
@@ -360,20 +336,9 @@ def measure(runs: Sequence[RunConfig], *, latency_budget_s: float | None = None,
     for cfg in runs:  # the runs' source is the sweep's (given or trusted), whatever their manifests say
         models[cfg.recipe.name] = leanconv.load(cfg.out, base=cfg.source.build(with_weights=False)).eval()
     budget = latency_budget_s if latency_budget_s is not None else first.latency_budget_s
-    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     threads, _ = timing_threads()  # fewer when other processes keep cores busy
-    lat: dict[str, dict[str, dict[int, float]]] = {n: {} for n in models}
-    example = torch.randn((1,) + shape)
-    for dev in devices:
-        ready = {n: inference_copy(m, example, dev) for n, m in models.items()}
-        for b in tqdm(first.report_batches, desc=f"latency {dev}", disable=not progress, leave=False):
-            t = time_models(ready, shape, b, dev, threads=threads, budget_s=budget)
-            for n in ready:
-                lat[n].setdefault(dev, {})[b] = t[n].median_ms
-    if has_onnxruntime():  # as `leanconv export --onnx` writes them, as in the reports
-        ort = onnxruntime_latency_ms(models, shape, tuple(first.report_batches), threads, budget, progress)
-        for n, per in ort.items():
-            lat[n]["onnxruntime"] = per
+    lat = latency_table(models, shape, tuple(first.report_batches), threads=threads, budget_s=budget,
+                        progress=progress)
     rep0 = reports[first.recipe.name]
     o = rep0["original"]
     rows = [SweepRow(ORIGINAL, o["macs"], o["params"], o.get("top1"), o.get("top5"), lat[ORIGINAL])]

@@ -9,8 +9,8 @@ import torch
 import leanconv
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.errors import ConfigError
-from leanconv.recipes.budget import BudgetConfig, choose, size_candidates, solve_budget
-from leanconv.recipes.knapsack import multiple_choice_knapsack
+from leanconv.budget import BudgetConfig, choose, size_candidates, solve_budget
+from leanconv.budget import multiple_choice_knapsack
 
 SMALL_MENU_LABELS = ("unravel-b1", "unravel-b4", "sic-m2", "sic-bottleneck")
 
@@ -63,7 +63,7 @@ def small():
 
 
 def _menu(recipe="sic-m2"):
-    from leanconv.recipes.budget import default_menu
+    from leanconv.budget import default_menu
     full = default_menu(leanconv.get_recipe(recipe))
     return {k: full[k] for k in SMALL_MENU_LABELS}
 
@@ -71,7 +71,7 @@ def _menu(recipe="sic-m2"):
 @pytest.fixture(scope="module")
 def measured(small):
     """Candidates of the small net measured once (the expensive part), reused by the tests below."""
-    from leanconv.recipes.budget import measure_candidates
+    from leanconv.budget import measure_candidates
     model, example, data = small
     sized = size_candidates(model, "sic-m2", example, menu=_menu())
     cfg = BudgetConfig(images=32, holdout=16, steps=5)
@@ -97,6 +97,29 @@ def test_budget_is_met_within_two_percent_and_convert_agrees(small, measured, fr
     assert "chosen" in sol.table()
 
 
+def test_convert_takes_the_solvers_replacements_as_handed(small, measured):
+    """convert puts in a copy of what the solver built (not a rebuild), keeps the rest with the
+    solver's reason, and the solution stays as it was."""
+    model, example, _ = small
+    sol = choose(measured, _target(measured, 0.5))
+    choices = sol.layers
+    name, marked = next((n, c) for n, c in choices.items() if c.block is not None)
+    with torch.no_grad():  # a mark no rebuild from the conv could make
+        next(marked.block.parameters()).mul_(3.0)
+    want = {k: v.clone() for k, v in marked.block.state_dict().items()}
+    converted, plan = leanconv.convert(model, "sic-m2", example, layers=choices)
+    got = converted.get_submodule(name).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert converted.get_submodule(name) is not marked.block  # a copy: the solution can be used again
+    rows = {l.name: l for l in plan.layers}
+    for n, c in choices.items():
+        assert rows[n].converted == (c.block is not None)
+        if c.block is None:
+            assert "kept by the budget solver" in rows[n].reason
+        else:
+            assert rows[n].method != "keep" and rows[n].params_after == sum(p.numel() for p in c.block.parameters())
+
+
 def test_larger_budget_never_costs_more_error(small, measured):
     objectives = [choose(measured, _target(measured, f)).objective for f in (0.15, 0.5, 0.8)]
     assert objectives[0] >= objectives[1] >= objectives[2]
@@ -105,13 +128,13 @@ def test_larger_budget_never_costs_more_error(small, measured):
 def test_budget_at_or_above_original_keeps_everything(small):
     model, example, data = small
     sol = solve_budget(model, "sic-m2", example, data, 1.0, menu=_menu(), progress=False)
-    assert all(spec is None for spec in sol.layers.values())
+    assert all(c.block is None and c.spec is None and "budget solver" in c.reason for c in sol.layers.values())
     assert sol.macs_after == sol.macs_before
 
 
 @pytest.mark.parametrize("target", [0.01, -1, 0, float("nan"), "half", True])
 def test_impossible_or_bad_budget_is_refused_before_any_calibration(small, target, monkeypatch):
-    import leanconv.recipes.budget as budget
+    import leanconv.budget.solver as budget
     model, example, data = small
 
     def fail(*a, **k):
@@ -136,7 +159,7 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
     (its reason says so); the others stay; without it nothing is timed."""
     import dataclasses
 
-    import leanconv.recipes.budget as budget
+    import leanconv.budget.solver as budget
     from leanconv.measure.latency import LayerSpeed
     model, example, _ = small
     timed = []
@@ -156,7 +179,7 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
         assert not by["sic-bottleneck"].usable
     assert timed and set(timed) == {4}
     assert sized.layers[0].candidates[1].speedup == 2.0  # unravel-b1: measured, usable
-    from leanconv.recipes.budget import _unusable
+    from leanconv.budget.solver import _unusable
     assert _unusable(by["sic-m2"]) == "slower (0.50x)" and by["sic-bottleneck"].speedup == 0.5
     timed.clear()
     size_candidates(model, "sic-m2", example, menu=_menu())

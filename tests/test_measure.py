@@ -96,3 +96,23 @@ def test_busy_elsewhere_sees_another_process_and_not_this_one():
     finally:
         spin.kill()
         spin.wait()
+
+
+@pytest.mark.filterwarnings("ignore:leanconv.optimize")  # the guard may keep a tiny network as it is
+def test_latency_table_optimizes_each_network_at_the_batch_it_times(monkeypatch):
+    from leanconv.measure import latency
+
+    seen = []
+    real = latency.inference_copy
+
+    def recording(model, example, device="cpu", threads=None):
+        seen.append((str(device), example.shape[0], threads))
+        return real(model, example, device, threads)
+    monkeypatch.setattr(latency, "inference_copy", recording)
+    models = {"a": nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), "b": nn.Sequential(nn.Conv2d(3, 4, 1))}
+    lat = latency.latency_table(models, (3, 8, 8), (1, 3), devices=("cpu",), threads=1, budget_s=0.01,
+                                onnxruntime=False)
+    assert seen == [("cpu", 1, 1), ("cpu", 1, 1), ("cpu", 3, 1), ("cpu", 3, 1)]  # once per network and batch
+    assert set(lat) == {"a", "b"} and all(set(lat[n]) == {"cpu"} and set(lat[n]["cpu"]) == {1, 3} for n in lat)
+    assert all(ms > 0 for n in lat for ms in lat[n]["cpu"].values())
+    assert type(models["b"][0]) is nn.Conv2d  # the networks themselves are not optimized in place

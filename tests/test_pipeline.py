@@ -132,7 +132,7 @@ def test_interrupted_report_leaves_no_half_written_file(finished, monkeypatch):
 
 
 def test_run_with_a_mac_budget_meets_it(tmp_path, monkeypatch):
-    import leanconv.recipes.budget as budget
+    import leanconv.budget.solver as budget
 
     full = budget.default_menu  # a smaller menu keeps the test fast; the solver itself is tested in test_budget
     monkeypatch.setattr(budget, "default_menu",

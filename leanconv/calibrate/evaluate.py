@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanconv.calibrate.capture import hooks
+from leanconv.logits import find_logits, kl_divergence
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,6 @@ class Fidelity:
     layers: dict[str, float]   # relative output error ||y_conv - y_orig|| / ||y_orig|| per converted layer
     end: EndToEnd
     reference: list            # original logits and labels per batch, to reuse in a logits-only pass
-
-
-def logits_of(out) -> Tensor | None:
-    """The (B, classes) logits in a model's output (a tensor, the first of a tuple, or ``.logits``)."""
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    out = getattr(out, "logits", out)
-    return out if isinstance(out, Tensor) and out.ndim == 2 else None
 
 
 @torch.no_grad()
@@ -65,7 +57,7 @@ def fidelity(original: nn.Module, converted: nn.Module, pairs: dict[str, tuple[n
                     targets.setdefault(name, out)
                 return post
             with hooks(post={conv: keep(n) for n, (conv, _) in pairs.items()}):
-                lo = logits_of(original(x))
+                lo = find_logits(original(x))
             kept.append((lo, y))
         else:
             lo, y = reference[k]
@@ -82,14 +74,13 @@ def fidelity(original: nn.Module, converted: nn.Module, pairs: dict[str, tuple[n
                 ref[name] += float((t * t).sum())
             return post
         with hooks(post={blk: compare(n) for n, (_, blk) in pairs.items()} if targets else None):
-            lc = logits_of(converted(x))
+            lc = find_logits(converted(x))
         images += len(x)
         if lo is None or lc is None:
             have_logits = False
             continue
         agree += float((lo.argmax(1) == lc.argmax(1)).sum())
-        kl += float(F.kl_div(F.log_softmax(lc.double(), 1), F.log_softmax(lo.double(), 1), reduction="sum",
-                             log_target=True))
+        kl += float(kl_divergence(lc.double(), lo.double()))
         if y is not None:
             y = y.to(device)
             correct += float((lc.argmax(1) == y).sum())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanconv.batchnorm import bn_affine
 from leanconv.calibrate import capture
 from leanconv.calibrate.assign import Assignment, assign_layer
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve
@@ -68,14 +69,6 @@ def _flat(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # (N*H*W, C)
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(scale, offset) of an eval-mode BatchNorm: ``bn(y) = scale * y + offset`` per channel."""
-    scale = bn.running_var.new_ones(bn.num_features) if bn.weight is None else bn.weight.detach()
-    scale = scale / torch.sqrt(bn.running_var + bn.eps)
-    offset = (0 if bn.bias is None else bn.bias.detach()) - bn.running_mean * scale
-    return scale, offset
-
-
 @dataclass(frozen=True)
 class StepFit:
     """Outcome of one closed-form refit."""
@@ -115,7 +108,7 @@ class ProjectionFit:
         self.y_n += target.shape[0] * target.shape[2] * target.shape[3]
         t = target - x if step.residual else target  # what the layer (after its norm) must add
         if step.norm is not None:
-            scale, offset = _bn_affine(step.norm)
+            scale, offset = bn_affine(step.norm)
             t = (t - offset[:, None, None]) / scale[:, None, None]
         if self.bottleneck:
             g = layer.down(bottleneck_pad(x, layer.k, layer.offset))  # (N, in, h, w) reduced grid
@@ -190,7 +183,7 @@ class ProjectionFit:
             if self.step.relu_after:
                 s = self.shift()
                 if self.step.norm is not None:
-                    s = s / _bn_affine(self.step.norm)[0].double()
+                    s = s / bn_affine(self.step.norm)[0].double()
                 new = new + s
             bias.copy_(new.to(bias))
         fit = (sol.residual / sol.target_energy) ** 0.5 if sol.target_energy > 0 else 0.0

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from leanconv.finetune import rng
 from leanconv.finetune.loading import EvalData
-from leanconv.finetune.losses import logits_of
 from leanconv.finetune.runtime import Runtime
+from leanconv.logits import logits_of
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from leanconv.finetune import rng
 from leanconv.finetune.config import FinetuneConfig
 from leanconv.finetune.evaluate import EvalMetrics, evaluate
 from leanconv.finetune.loading import EvalData, TrainData, default_workers
-from leanconv.finetune.losses import distillation_loss, logits_of
+from leanconv.finetune.losses import distillation_loss
 from leanconv.finetune.optim import lr_at, make_optimizer, schedule_steps
 from leanconv.finetune.runtime import Runtime, setup
 from leanconv.finetune.signals import Interrupted, StopRequests
+from leanconv.logits import logits_of
 
 log = logging.getLogger("leanconv.finetune")
 METRICS = "finetune.json"

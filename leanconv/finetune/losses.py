@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leanconv.errors import DataError, ModelError
+from leanconv.logits import kl_divergence
 
 
 class Loss(NamedTuple):
@@ -15,26 +16,12 @@ class Loss(NamedTuple):
     ce: Tensor | None  # cross-entropy on labels, None without labels
 
 
-def logits_of(output) -> Tensor:
-    """The logits in a model's output: a tensor, the first field of a tuple (Inception's), or ``["logits"]``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ModelError(f"cannot find logits in a model output of type {type(output).__name__}; the model "
-                     f"should return a (N, classes) tensor")
-
-
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """Hinton et al.'s distillation loss: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, mean over the batch.
 
     The ``T^2`` keeps gradient magnitudes independent of ``T`` (Hinton, Vinyals, Dean 2015, section 2).
     """
-    s = F.log_softmax(student.float() / temperature, dim=-1)  # (N, C)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)  # (N, C)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    return kl_divergence(student.float(), teacher.float(), temperature) / len(student) * temperature ** 2
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor | None, *, temperature: float,

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.data import batches
+from leanconv.logits import kl_divergence, logits_of
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,6 @@ class Agreement:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def logits_of(output) -> Tensor:
-    """The logits of a forward's output (tuples / namedtuples of aux heads: the first)."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    return output[0]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> int:
@@ -75,8 +66,7 @@ def compare(model: nn.Module, reference: nn.Module | None, data, max_images: int
                 r1 += topk_correct(ref, y, 1)
                 r5 += topk_correct(ref, y, 5)
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
-            kl += float(F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True,
-                                 reduction="sum"))
+            kl += float(kl_divergence(out, ref))
             n += len(x)
             bar.update(len(x))
         bar.close()

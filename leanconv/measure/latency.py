@@ -109,6 +109,66 @@ def onnxruntime_latency_ms(models: dict[str, nn.Module], input_shape: tuple[int,
     return {n: {b: timed[b][n].median_ms for b in batches} for n in models}
 
 
+def inference_copy(model: nn.Module, example: torch.Tensor, device: str | torch.device = "cpu",
+                   threads: int | None = None) -> nn.Module:
+    """A deployment-ready copy, as networks are timed: on CPU ``leanconv.optimize`` tuned on
+    ``example`` (the batch that will be timed) with ``threads``; on CUDA the eval-mode model in
+    channels_last, unchanged otherwise (optimize's kernels are CPU ones)."""
+    import copy
+
+    if torch.device(device).type != "cpu":
+        return copy.deepcopy(model).eval().to(device, memory_format=torch.channels_last)
+    from leanconv.optimize import optimize
+
+    return optimize(copy.deepcopy(model).eval().cpu(), example.cpu(), threads=threads)
+
+
+def latency_table(models: dict[str, nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...], *,
+                  devices: tuple[str, ...] | None = None, threads: int | None = None, budget_s: float = 20.0,
+                  onnxruntime: bool | None = None, progress: bool = False) -> dict[str, dict[str, dict[int, float]]]:
+    """Median latency of every network at every device and batch size, all timed together
+    (interleaved, see ``time_models``): what the report and the sweep table show.
+
+    Each network is prepared as inference would run it (``inference_copy``): on CPU it is optimized
+    once per batch size, at that batch (autotuning picks implementations for the shape it times), with
+    the threads it is timed with; on CUDA one copy per device serves every batch size.
+
+    Args:
+        input_shape: ``(C, H, W)``.
+        devices: default CPU, and CUDA when present.
+        threads: CPU threads (see ``leanconv.measure.timing.timing_threads``); None: torch's count.
+        budget_s: seconds of timing per device and batch size.
+        onnxruntime: also time the networks in onnxruntime as ``leanconv export --onnx`` writes them
+            (default: when it is installed and CPU is measured); never fails the table (see
+            ``onnxruntime_latency_ms``).
+    Returns:
+        ``{name: {device: {batch: median ms}}}``, with ``"onnxruntime"`` as one more device.
+    """
+    from tqdm.auto import tqdm
+
+    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    lat: dict[str, dict[str, dict[int, float]]] = {n: {} for n in models}
+    bar = tqdm(total=len(devices) * len(batches), desc="latency", disable=not progress, leave=False)
+    with bar:
+        for dev in devices:
+            ready = None
+            for b in batches:
+                if ready is None or torch.device(dev).type == "cpu":  # CPU: optimized at the batch timed
+                    example = torch.randn((b,) + tuple(input_shape))
+                    ready = {n: inference_copy(m, example, dev, threads) for n, m in models.items()}
+                t = time_models(ready, input_shape, b, dev, threads=threads, budget_s=budget_s)
+                for n in ready:
+                    lat[n].setdefault(dev, {})[b] = t[n].median_ms
+                bar.update()
+            del ready
+    if onnxruntime is None:
+        onnxruntime = "cpu" in devices and has_onnxruntime()
+    if onnxruntime:
+        for n, per in onnxruntime_latency_ms(models, input_shape, tuple(batches), threads, budget_s, progress).items():
+            lat[n]["onnxruntime"] = per
+    return lat
+
+
 @dataclass(frozen=True)
 class LayerSpeed:
     """One conv and its replacement, each prepared by ``leanconv.optimize`` and timed interleaved."""

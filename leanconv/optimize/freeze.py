@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from leanconv.batchnorm import bn_affine
 from leanconv.errors import ModelError
 from leanconv.kernels.fused import gpu_alternatives
 from leanconv.layers import ResidualStack, SICLayer, SpatialBottleneck, TopoConv2d, UnraveledConv
 from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan
-from leanconv.optimize.ops import (BottleneckOp, ConvOp, InferenceOp, LinearOp, SplitOp, SplitSumOp, StackOp, TopoOp,
-                                  bn_affine)
+from leanconv.optimize.ops import BottleneckOp, ConvOp, InferenceOp, LinearOp, SplitOp, SplitSumOp, StackOp, TopoOp
 
 FREEZABLE = (nn.Conv2d, TopoConv2d, SICLayer, UnraveledConv, SpatialBottleneck, ResidualStack)
 

@@ -7,13 +7,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from leanconv.batchnorm import bn_affine
 from leanconv.errors import ConfigError
 from leanconv.layers.registry import LEANCONV_LAYERS
 from leanconv.optimize.autotune import ImplChoice, choose
 from leanconv.optimize.freeze import FREEZABLE, freeze
 from leanconv.optimize.graph import try_epilogues
 from leanconv.optimize.memory import keep_freed_memory
-from leanconv.optimize.ops import LINEAR_MKLDNN, MKLDNN, ConvOp, InferenceOp, LinearOp, StackOp, bn_affine
+from leanconv.optimize.ops import LINEAR_MKLDNN, MKLDNN, ConvOp, InferenceOp, LinearOp, StackOp
 from leanconv.passes.plain import as_plain_conv
 
 

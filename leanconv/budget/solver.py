@@ -1,5 +1,9 @@
 """Budget solver: per-layer methods that meet a MAC budget with the least calibration error.
 
+What it computed is handed to ``convert`` as it is: ``BudgetSolution.layers`` holds, per conv, the
+replacement the solver built (and measured, and timed under ``select.min_speedup``) as a
+``LayerChoice``; ``convert`` puts a copy of it in instead of building, checking and timing it again.
+
 For every selected conv and every method of a menu (keep, unravel-bN, sic-mN, topological,
 bottleneck), the replacement is built, calibrated on that layer alone (``calibrate_block`` on the
 layer's captured inputs and original outputs: the same solvers ``leanconv.calibrate`` runs), and
@@ -22,6 +26,7 @@ MACs for every recipe tried, where ``GAIN`` lost to uniform unravel-b4 (benchmar
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -30,19 +35,18 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.calibrate.capture import hooks, input_of
-from leanconv.calibrate.evaluate import logits_of
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import relative_error
-from leanconv.errors import ConfigError, DataError
+from leanconv.errors import ConfigError
+from leanconv.logits import find_logits, first_tensor, kl_divergence
 from leanconv.measure.complexity import count
-from leanconv.measure.latency import layer_speed
-from leanconv.plan import human
-from leanconv.recipes.knapsack import multiple_choice_knapsack
+from leanconv.measure.latency import LayerSpeed, layer_speed
+from leanconv.plan import LayerChoice, human
+from leanconv.budget.knapsack import multiple_choice_knapsack
 from leanconv.recipes.registry import Recipe, get_recipe
 from leanconv.recipes.spec import Bottleneck, LayerSpec, Method, Selection, _enum
 
@@ -108,6 +112,8 @@ class Candidate:
     reason: str | None = None    # why it cannot replace this conv (then it is not chosen)
     seconds: float = 0.0
     speedup: float | None = None  # measured against the conv (select.min_speedup only)
+    block: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)  # as built (data-free)
+    speed: LayerSpeed | None = dataclasses.field(default=None, repr=False, compare=False)  # the timing of speedup
 
     @property
     def usable(self) -> bool:
@@ -123,7 +129,6 @@ class LayerBudget:
     candidates: tuple[Candidate, ...]
     weight: float                # w_l of the objective (1 for uniform / measured weighting)
     chosen: str                  # label of the chosen candidate
-    shift: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # convert's ReLU shift
 
     @property
     def choice(self) -> Candidate:
@@ -148,16 +153,22 @@ class BudgetSolution:
     seconds: float = 0.0
 
     @property
-    def layers(self) -> dict[str, LayerSpec | None]:
-        """Per-layer choices for ``leanconv.convert``: a LayerSpec, or None to keep the conv."""
-        return {l.name: l.choice.spec for l in self.per_layer}
+    def layers(self) -> dict[str, LayerChoice]:
+        """Per-layer choices for ``leanconv.convert(..., layers=)``: each chosen replacement as the
+        solver built it (data-free start; ``convert`` copies it), or none to keep the conv."""
+        out = {}
+        for l in self.per_layer:
+            c = l.choice
+            why = "" if c.spec is not None else f"kept by the budget solver ({self.weighting} objective, budget " \
+                                                f"{self.target_macs / self.macs_before:.3f} of the original's MACs)"
+            out[l.name] = LayerChoice(c.block, c.spec, why, c.speed)
+        return out
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for l, row in zip(self.per_layer, d["per_layer"]):
-            row.pop("shift")
-            for c, crow in zip(l.candidates, row["candidates"]):
-                crow["spec"] = c.spec.to_dict() if c.spec is not None else None
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_layer"}
+        d["reachable"] = list(self.reachable)
+        d["per_layer"] = [{"name": l.name, "macs_dense": l.macs_dense, "weight": l.weight, "chosen": l.chosen,
+                           "candidates": [_candidate_dict(c) for c in l.candidates]} for l in self.per_layer]
         d["mac_convention"] = "1 MAC = one multiply-add = 2 FLOPs; per image"
         return d
 
@@ -278,7 +289,7 @@ def size_candidates(original: nn.Module, recipe: "str | Recipe", example_inputs:
         shift = _shift(facts, site, original)
         cands = tuple(_sized(label, spec, conv, site, dense, shift, sel, example_inputs.shape[0])
                       for label, spec in menu.items())
-        rows.append(LayerBudget(site.name, dense, cands, 1.0, "keep", shift))
+        rows.append(LayerBudget(site.name, dense, cands, 1.0, "keep"))
     fixed = before.macs - sum(l.macs_dense for l in rows)
     return Candidates(before.macs, fixed, tuple(rows), seconds=time.perf_counter() - t0)
 
@@ -343,7 +354,7 @@ def measure_candidates(sized: Candidates, original: nn.Module, recipe: "str | Re
                     out.append(c)
                 else:
                     bar.set_postfix_str(f"{layer.name}: {c.label}")
-                    out.append(_measure(c, conv, layer.name, layer.shift, fit, test, cal, original, held, reference))
+                    out.append(_measure(c, conv, layer.name, fit, test, cal, original, held, reference))
                     bar.update(1)
             del fit, test
             rows.append(dataclasses.replace(layer, candidates=tuple(out)))
@@ -394,6 +405,13 @@ def choose(cands: Candidates, target: int, weighting: "Weighting | str" = Weight
 # --------------------------------------------------------------------------- helpers
 
 
+def _candidate_dict(c: Candidate) -> dict:
+    """A candidate as budget.json holds it (its block and timing object left out: ``speedup`` says it)."""
+    d = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("block", "speed")}
+    d["spec"] = c.spec.to_dict() if c.spec is not None else None
+    return d
+
+
 def _unusable(c: Candidate) -> str:
     return f"slower ({c.speedup:.2f}x)" if c.speedup is not None else "n/a"
 
@@ -410,12 +428,12 @@ def _sized(label: str, spec: LayerSpec | None, conv: nn.Conv2d, site, dense: int
     except ConfigError as e:
         return Candidate(label, spec, dense, params, reason=str(e))
     x = torch.zeros((1,) + tuple(site.input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
-    why = speedup = None
+    why = speed = None
     if sel.min_speedup:
         speed = layer_speed(conv, block, site.input_shape, sel.speed_batch or batch)
-        why, speedup = speed.shortfall(sel.min_speedup), speed.speedup
+        why = speed.shortfall(sel.min_speedup)
     return Candidate(label, spec, count(block, x).macs, sum(p.numel() for p in block.parameters()), reason=why,
-                     speedup=speedup)
+                     speedup=speed.speedup if speed else None, block=block, speed=speed)
 
 
 def _capture(original: nn.Module, conv: nn.Conv2d, name: str, stream: ImageStream, held: list[Tensor],
@@ -439,14 +457,15 @@ def _capture(original: nn.Module, conv: nn.Conv2d, name: str, stream: ImageStrea
         return take(x for x, _ in stream.calibration()), take(held)
 
 
-def _measure(c: Candidate, conv: nn.Conv2d, name: str, shift, fit, test, cal, original: nn.Module,
+def _measure(c: Candidate, conv: nn.Conv2d, name: str, fit, test, cal, original: nn.Module,
              held: list[Tensor], reference: list) -> Candidate:
-    """Build, calibrate on ``fit``, then measure the error on ``test`` and the end-to-end damage."""
+    """Calibrate a copy of the candidate's block on ``fit``, then measure the error on ``test`` and the
+    end-to-end damage (the candidate keeps its data-free block: that is what ``convert`` gets)."""
     from leanconv.calibrate.api import calibrate_block
     from leanconv.errors import NumericalError
 
     t0 = time.perf_counter()
-    block = c.spec.build(conv, shift).to(conv.weight.device).eval()
+    block = copy.deepcopy(c.block).to(conv.weight.device).eval()
     try:
         calibrate_block(name, conv, block, fit, cal)
     except NumericalError as e:
@@ -471,28 +490,17 @@ def _damage(original: nn.Module, conv: nn.Conv2d, block: nn.Module, held: list[T
     with hooks(post={conv: swap}):
         for x, r in zip(held, reference):
             out = original(x)
-            lo, lr = logits_of(out), logits_of(r)
+            lo, lr = find_logits(out), find_logits(r)
             if lo is not None and lr is not None:
-                kl += float(F.kl_div(F.log_softmax(lo.double(), 1), F.log_softmax(lr.double(), 1),
-                                     reduction="sum", log_target=True))
+                kl += float(kl_divergence(lo.double(), lr.double()))
                 n += len(x)
             else:
-                a, b = _tensor(out).double(), _tensor(r).double()
+                a, b = first_tensor(out).double(), first_tensor(r).double()
                 err += float((a - b).pow(2).sum())
                 ref += float(b.pow(2).sum())
     if n:
         return kl / n
     return err / ref if ref > 0 else err
-
-
-def _tensor(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    if isinstance(out, dict) and out:
-        return next(iter(out.values()))
-    raise DataError(f"cannot compare the network's outputs of type {type(out).__name__}")
 
 
 def _weight(cands: list[Candidate], weighting: Weighting) -> float:
