@@ -81,3 +81,15 @@ def test_a_recipe_may_switch_method_and_keeps_the_shared_fields(tmp_path):
     f.write_text('extends = "sic-m3"\n[layer]\nmethod = "topo"\ntopology = 2\n')
     r = get_recipe(str(f))
     assert r.layer.method == "topo" and r.layer.depth == 3 and r.layer.topology == 2
+
+
+def test_every_builtin_recipe_has_a_budget_menu():
+    """The menu is built from each method's entries, taking the fields they share with the recipe's
+    spec (a topological recipe's activation carries over; its grid rank does not)."""
+    from leanconv.recipes.budget import default_menu
+
+    for r in list_recipes():
+        menu = default_menu(r)
+        assert menu["keep"] is None and r.layer in menu.values()
+        assert menu["sic-m2"].activation == getattr(r.layer, "activation", "identity")
+        assert menu["unravel-b2"].multiplier == 2 and menu["unravel-b2"].topology == 0

@@ -53,18 +53,12 @@ def load_kernels() -> None:
         importlib.import_module(name)
 
 
-def kernels_defined() -> bool:
-    """Called by each Triton kernel module on import: whether its kernels are defined under Triton's
-    interpreter (``TRITON_INTERPRET`` when the first kernel module was imported)."""
+def kernels_interpreted() -> bool:
+    """Whether leanconv's Triton kernels are (or will be) defined under Triton's interpreter:
+    ``TRITON_INTERPRET`` at the first call, which each kernel module makes on import."""
     if not _INTERPRETED:
         _INTERPRETED.append(interpreter_requested())
     return _INTERPRETED[0]
-
-
-def kernels_interpreted() -> bool:
-    """Whether leanconv's Triton kernels were defined in interpreter mode (imports them)."""
-    load_kernels()
-    return kernels_defined()
 
 
 @contextlib.contextmanager

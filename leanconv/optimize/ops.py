@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanconv.layers import functional as LF
+from leanconv.layers.geometry import ConvGeometry
 
 _STATE = threading.local()
 
@@ -136,8 +137,6 @@ class ConvOp(InferenceOp):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "ConvOp":
-        from leanconv.layers.geometry import ConvGeometry
-
         g = ConvGeometry.of(conv)
         return cls(conv.weight, conv.bias, g.stride, g.padding, g.dilation, g.groups, g.padding_mode)
 
