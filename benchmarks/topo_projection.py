@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leanconv.layers import TopoConv2d, Topology  # noqa: E402
+from leanconv.methods import TopoConv2d, Topology
 from leanconv.measure.timing import time_interleaved  # noqa: E402
 from leanconv.optimize.freeze import alternatives, freeze  # noqa: E402
 

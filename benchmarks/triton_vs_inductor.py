@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leanconv.layers import SICLayer  # noqa: E402
+from leanconv.methods import SICLayer
 from leanconv.measure.timing import time_interleaved  # noqa: E402
 from leanconv.optimize.freeze import freeze  # noqa: E402
 

@@ -9,12 +9,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.errors import ConfigError, ModelError, NumericalError
-from leanconv.layers.registry import layer_config
+from leanconv.registry import layer_config
 from leanconv.measure.complexity import Complexity, count
 from leanconv.measure.latency import LayerSpeed, layer_speed
 from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
-from leanconv.passes.analyze import ConvSite, ModelFacts, norm_output_stats, relu_shift
+from leanconv.passes.analyze import ConvSite, stack_shift
 from leanconv.passes.plain import as_plain_conv
 from leanconv.plan import ConversionPlan, LayerChoice, LayerPlan
 from leanconv.recipes import LayerSpec, Recipe, Selection, get_recipe
@@ -78,7 +78,7 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
             continue
         try:
             new = copy.deepcopy(choice.block) if choice is not None else \
-                specs[site.name].build(conv, _shift(facts, site, target))
+                specs[site.name].build(conv, stack_shift(facts, site, target))
             _check_shape(new, site)
             if choice is not None and choice.speed is not None:
                 speeds[site.name] = choice.speed  # measured where it was chosen
@@ -134,16 +134,6 @@ def check_convertible(model: nn.Module) -> None:
                                          f"the checkpoint or the training that produced it")
 
 
-def _shift(facts: ModelFacts, site: ConvSite, model: nn.Module) -> Tensor | None:
-    """Per-channel shift that keeps a stack's inner ReLUs linear at the start (see ResidualStack)."""
-    stats = None
-    if site.norm is not None:
-        stats = norm_output_stats(model.get_submodule(site.norm))
-    if stats is None:
-        stats = facts.output_stats.get(site.name)
-    return relu_shift(*stats) if stats is not None else None
-
-
 @torch.no_grad()
 def _check_shape(new: nn.Module, site: ConvSite) -> None:
     if site.input_shape is None:
@@ -186,7 +176,7 @@ def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Comp
     params_a = sum(p.numel() for p in new.parameters()) if new is not None else params_b
     return LayerPlan(
         name=site.name,
-        method=spec.method.value if new is not None else "keep",
+        method=spec.method if new is not None else "keep",
         params=spec.params() if new is not None else {},
         in_channels=g.in_channels if g else 0, out_channels=g.out_channels if g else 0,
         kernel_size=list(g.kernel_size) if g else [], stride=list(g.stride) if g else [],

@@ -39,7 +39,7 @@ class LayerPlan:
     params_after: int
     converted: bool
     reason: str | None                 # why it was not converted
-    replacement: dict | None = None    # layer config that rebuilds the replacement (see layers.registry)
+    replacement: dict | None = None    # layer config that rebuilds the replacement (see leanconv.registry)
     speed: dict | None = None          # measured against the conv (select.min_speedup; LayerSpeed.to_dict)
 
     def to_dict(self) -> dict:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from leanconv.errors import ModelError, OutputError
-from leanconv.layers.registry import layer_from_config
+from leanconv.registry import layer_from_config
 from leanconv.models import ModelSource, apply_state_dict, check_trusted, dtype_kind
 from leanconv.passes import replace_modules
 from leanconv.plan import ConversionPlan

@@ -30,7 +30,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from leanconv.kernels.triton import bottleneck, sic  # noqa: E402
+from leanconv.methods.bottleneck import triton as bottleneck  # noqa: E402
+from leanconv.methods.sic import triton as sic  # noqa: E402
 from leanconv.kernels.triton_util import DENSE_CONFIGS, GPU_SPARSE_TILES, SPARSE_CONFIG  # noqa: E402
 
 TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

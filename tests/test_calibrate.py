@@ -15,8 +15,8 @@ import leanconv.data
 from leanconv.calibrate import CalibrationConfig, CalibrationReport
 from leanconv.calibrate.assign import choose_assignment, linear_assignment
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
-from leanconv.layers import SICLayer, Topology, UnraveledConv
-from leanconv.layers.projection import projection_matrix
+from leanconv.methods import SICLayer, Topology, UnraveledConv
+from leanconv.methods.topo.projection import projection_matrix
 from leanconv.recipes import LayerSpec, Method, Recipe, Selection
 
 RECIPES = ("unravel-b4", "sic-m2", "sic-topo2d", "sic-bottleneck")

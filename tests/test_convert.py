@@ -11,7 +11,7 @@ from torch import nn
 
 import leanconv
 from conftest import StdConv
-from leanconv.layers import Topology
+from leanconv.methods import Topology
 from leanconv.passes import LeafTracer, trace
 from leanconv.recipes import LayerSpec, Method, Selection, list_recipes
 

@@ -22,9 +22,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    from leanconv.kernels import triton as kt
-    from leanconv.kernels.triton import bottleneck, sic, topo  # noqa: F401  (defined under the interpreter here)
-    from leanconv.kernels.triton.projection import block_schedule, live_fraction
+    from leanconv.methods.bottleneck import triton as bottleneck  # noqa: F401  (defined under the interpreter here)
+    from leanconv.methods.sic import triton as sic  # noqa: F401
+    from leanconv.methods.topo import triton as topo  # noqa: F401
+    from leanconv.methods.topo import triton_projection as kt
+    from leanconv.methods.topo.triton_projection import block_schedule, live_fraction
 finally:
     if _saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -34,10 +36,11 @@ finally:
 import leanconv  # noqa: E402
 from leanconv.kernels.fused import FusedOp, gpu_alternatives  # noqa: E402
 from leanconv.kernels.triton_util import cpu_interpreter  # noqa: E402
-from leanconv.layers import SICLayer, SICStack, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv  # noqa: E402
+from leanconv.methods import SICLayer, SICStack, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv
 from leanconv.optimize import autotune, portable  # noqa: E402
 from leanconv.optimize.freeze import alternatives, freeze  # noqa: E402
-from leanconv.optimize.ops import SplitOp, StackOp  # noqa: E402
+from leanconv.methods.split import SplitOp  # noqa: E402
+from leanconv.optimize.ops import StackOp  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not kt.INTERPRETED, reason="kernels compiled for CUDA")),
            pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -7,8 +7,10 @@ from torch import nn
 
 from conftest import rel_err
 from leanconv.errors import ConfigError
-from leanconv.layers import (ConvGeometry, ResidualStack, SICStack, SpatialBottleneck, TopoConv2d, Topology,
-                             UnraveledConv, layer_config, layer_from_config)
+from leanconv.layers import ConvGeometry
+from leanconv.methods import (SICStack, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv,
+                              grouped_stack, topological_stack)
+from leanconv.registry import layer_config, layer_from_config
 from leanconv.layers import functional as LF
 from leanconv.measure import count
 
@@ -112,8 +114,8 @@ def builders():
         "sic-topo": lambda c: SICStack.from_conv(c, 3, 2, topology_rank=2),
         "sic-bottleneck": lambda c: SICStack.from_conv(c, 3, 2, bottleneck="full"),
         "sic-bottleneck-half": lambda c: SICStack.from_conv(c, 3, 2, bottleneck="half"),
-        "topo3d": lambda c: ResidualStack.topological_from_conv(c, 3),
-        "group": lambda c: ResidualStack.grouped_from_conv(c, 4),
+        "topo3d": lambda c: topological_stack(c, 3),
+        "group": lambda c: grouped_stack(c, 4),
     }
 
 

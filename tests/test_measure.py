@@ -5,7 +5,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from leanconv.layers import SICLayer, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv
+from leanconv.methods import SICLayer, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv
 from leanconv.measure import count
 
 

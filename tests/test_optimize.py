@@ -12,9 +12,9 @@ import leanconv
 from conftest import StdConv
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.errors import ConfigError
-from leanconv.layers import SICStack, SpatialBottleneck, TopoConv2d, Topology
+from leanconv.methods import SICStack, SpatialBottleneck, TopoConv2d, Topology
 from leanconv.layers.functional import topo_conv_reference
-from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan, cyclic_cover
+from leanconv.methods.topo.impl import TopoImpl, band_candidates, band_plan, cyclic_cover
 from leanconv.optimize.freeze import alternatives, freeze
 from leanconv.optimize.ops import StackOp, portable
 
@@ -317,7 +317,7 @@ def test_guard_returns_the_unoptimized_model_when_it_is_faster(monkeypatch):
 @pytest.mark.parametrize("kind", ["sic", "unravel", "bottleneck", "topo", "conv"])
 def test_chunked_units_are_exact(kind):
     """A unit run a few images at a time (the last conv writing into the output) equals the unit."""
-    from leanconv.layers import UnraveledConv
+    from leanconv.methods import UnraveledConv
     from leanconv.optimize.ops import ChunkedOp
 
     torch.manual_seed(0)
@@ -343,8 +343,8 @@ def test_chunked_units_are_exact(kind):
 def test_unraveled_layer_split_into_multiplier_one_convs_is_exact():
     """b depthwise convs of multiplier 1, each projected and summed, equal the unraveled layer
     (with residual, residual scale, ReLU, and affine maps folded in afterwards)."""
-    from leanconv.layers import UnraveledConv
-    from leanconv.optimize.ops import SplitSumOp
+    from leanconv.methods import UnraveledConv
+    from leanconv.methods.split import SplitSumOp
 
     torch.manual_seed(0)
     layer = UnraveledConv.from_conv(nn.Conv2d(8, 12, 3, padding=1, stride=2), 3).eval()

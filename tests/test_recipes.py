@@ -46,6 +46,10 @@ def test_toml_recipe_extends_builtin(tmp_path):
     ('extends = "sic-m2"\n[layer]\nkernal = 5\n', "layer.kernal"),
     ('extends = "sic-m2"\n[layer]\nkernel = 4\n', "layer.kernel"),
     ('extends = "sic-m2"\n[layer]\nmethod = "svd"\n', "layer.method"),
+    ('extends = "unravel-b4"\n[layer]\nmultiplier = 1e9\n', "layer.multiplier"),
+    ('extends = "unravel-b4"\n[layer]\nmultiplier = 1000000000\n', "layer.multiplier"),
+    ('extends = "sic-m2"\n[layer]\ndepth = 100000\n', "layer.depth"),
+    ('extends = "sic-m2"\n[layer]\nkernel = 99\n', "layer.kernel"),
     ('extends = "sic-m2"\n[calibration]\nimages = -3\n', "calibration.images"),
     ('extends = "sic-m2"\nspeed = 3\n', "speed"),
     ('extends = "nope"\n', "nope"),
@@ -61,3 +65,31 @@ def test_bad_toml_recipe_names_the_field(tmp_path, text, field):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         get_recipe(str(tmp_path / "none.toml"))
+
+
+def test_a_huge_multiplier_is_refused_in_one_line_before_anything_is_built(tmp_path):
+    """``multiplier = 1e9`` would allocate terabytes: refused by the spec with one line naming the bound."""
+    f = tmp_path / "huge.toml"
+    f.write_text('extends = "unravel-b4"\n[layer]\nmultiplier = 1e9\n')
+    with pytest.raises(ConfigError) as e:
+        get_recipe(str(f))
+    assert "\n" not in str(e.value) and "[1, 256]" in str(e.value)
+
+
+def test_a_recipe_may_switch_method_and_keeps_the_shared_fields(tmp_path):
+    f = tmp_path / "switch.toml"
+    f.write_text('extends = "sic-m3"\n[layer]\nmethod = "topo"\ntopology = 2\n')
+    r = get_recipe(str(f))
+    assert r.layer.method == "topo" and r.layer.depth == 3 and r.layer.topology == 2
+
+
+def test_every_builtin_recipe_has_a_budget_menu():
+    """The menu is built from each method's entries, taking the fields they share with the recipe's
+    spec (a topological recipe's activation carries over; its grid rank does not)."""
+    from leanconv.budget import default_menu
+
+    for r in list_recipes():
+        menu = default_menu(r)
+        assert menu["keep"] is None and r.layer in menu.values()
+        assert menu["sic-m2"].activation == getattr(r.layer, "activation", "identity")
+        assert menu["unravel-b2"].multiplier == 2 and menu["unravel-b2"].topology == 0

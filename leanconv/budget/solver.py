@@ -41,14 +41,17 @@ from tqdm.auto import tqdm
 from leanconv.calibrate.capture import hooks, input_of
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import relative_error
-from leanconv.errors import ConfigError
+from leanconv import registry
+from leanconv.budget.knapsack import multiple_choice_knapsack
+from leanconv.errors import ConfigError, DataError
+from leanconv.fields import enum_field as _enum
 from leanconv.logits import find_logits, first_tensor, kl_divergence
 from leanconv.measure.complexity import count
 from leanconv.measure.latency import LayerSpeed, layer_speed
+from leanconv.passes.analyze import stack_shift
 from leanconv.plan import LayerChoice, human
-from leanconv.budget.knapsack import multiple_choice_knapsack
 from leanconv.recipes.registry import Recipe, get_recipe
-from leanconv.recipes.spec import Bottleneck, LayerSpec, Method, Selection, _enum
+from leanconv.recipes.spec import LayerSpec, Selection
 
 
 class Weighting(str, enum.Enum):
@@ -82,18 +85,14 @@ class BudgetConfig:
 
 
 def default_menu(recipe: Recipe) -> dict[str, LayerSpec | None]:
-    """keep, unravel-b1/b2/b4, sic-m1/m2/m3, sic-topo2d, sic-bottleneck-half, sic-bottleneck, plus the
-    recipe's own layer spec when it is none of these; built from the recipe's LayerSpec, so settings
-    such as the activation or the SIC kernel carry over."""
-    base = dataclasses.replace(recipe.layer, topology=0, density=None, bottleneck=Bottleneck.NONE)
+    """keep, then every registered method's menu entries (``LayerSpec.menu``; built in: unravel-b1/b2/b4,
+    sic-m1/m2/m3, sic-topo2d, sic-bottleneck-half, sic-bottleneck), plus the recipe's own layer spec
+    when it is none of these. Each entry takes the fields its method shares with the recipe's spec,
+    so settings such as the activation or the SIC kernel carry over."""
     menu: dict[str, LayerSpec | None] = {"keep": None}
-    for b in (1, 2, 4):
-        menu[f"unravel-b{b}"] = dataclasses.replace(base, method=Method.UNRAVEL, multiplier=b)
-    for m in (1, 2, 3):
-        menu[f"sic-m{m}"] = dataclasses.replace(base, method=Method.SIC, depth=m)
-    menu["sic-topo2d"] = dataclasses.replace(base, method=Method.SIC, depth=4, topology=2)
-    menu["sic-bottleneck-half"] = dataclasses.replace(base, method=Method.SIC, depth=2, bottleneck=Bottleneck.HALF)
-    menu["sic-bottleneck"] = dataclasses.replace(base, method=Method.SIC, depth=2, bottleneck=Bottleneck.FULL)
+    for spec in registry.methods():
+        for label, changes in spec.menu:
+            menu[label] = spec.derive(recipe.layer, **changes)
     if recipe.layer not in menu.values():
         menu[recipe.name] = recipe.layer
     return menu
@@ -267,7 +266,6 @@ def size_candidates(original: nn.Module, recipe: "str | Recipe", example_inputs:
     Raises:
         ConfigError: no conv is selected.
     """
-    from leanconv.convert import _shift
     from leanconv.passes import analyze, select_candidates
 
     t0 = time.perf_counter()
@@ -286,7 +284,7 @@ def size_candidates(original: nn.Module, recipe: "str | Recipe", example_inputs:
     for site in sites:
         conv = original.get_submodule(site.name)
         dense = before.macs_under(site.name)
-        shift = _shift(facts, site, original)
+        shift = stack_shift(facts, site, original)
         cands = tuple(_sized(label, spec, conv, site, dense, shift, sel, example_inputs.shape[0])
                       for label, spec in menu.items())
         rows.append(LayerBudget(site.name, dense, cands, 1.0, "keep"))

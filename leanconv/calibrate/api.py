@@ -18,9 +18,7 @@ from leanconv.calibrate.refine import RefineResult, Reservoir, refine
 from leanconv.calibrate.report import CalibrationReport, LayerReport
 from leanconv.calibrate.steps import ProjectionFit, Step, StepFit, datafree_assign, step_input, steps_of
 from leanconv.errors import ConfigError
-from leanconv.layers.bottleneck import SpatialBottleneck
-from leanconv.layers.registry import LEANCONV_LAYERS
-from leanconv.layers.stack import ResidualStack
+from leanconv.registry import layer_types, lookup
 
 
 def calibrate(original: nn.Module, converted: nn.Module, data, config: CalibrationConfig | dict | None = None, *,
@@ -165,7 +163,7 @@ def converted_pairs(original: nn.Module, converted: nn.Module) -> dict[str, tupl
     """name -> (original conv, its replacement) for every outermost leanconv layer of ``converted``."""
     out: dict[str, tuple[nn.Conv2d, nn.Module]] = {}
     for name, m in converted.named_modules():
-        if not isinstance(m, LEANCONV_LAYERS) or any(name.startswith(p + ".") for p in out):
+        if not isinstance(m, layer_types()) or any(name.startswith(p + ".") for p in out):
             continue
         try:
             conv = original.get_submodule(name)
@@ -205,7 +203,7 @@ class _Job:
     def plan(cls, name: str, conv: nn.Conv2d, block: nn.Module, cfg: CalibrationConfig) -> "_Job":
         steps = steps_of(block)
         closed = cfg.solver in (Solver.CLOSED_FORM, Solver.AUTO)
-        nonlinear = isinstance(block, (ResidualStack, SpatialBottleneck))
+        nonlinear = bool(lookup(block, "nonlinear", False))
         grad = cfg.solver is Solver.GRADIENT or (cfg.solver is Solver.AUTO and nonlinear)
         return cls(name, conv, block, cfg, [s for s in steps if s.fittable] if closed else [], grad and cfg.steps > 0)
 
@@ -443,10 +441,8 @@ def _gradient(jobs: list[_Job], original: nn.Module, converted: nn.Module, strea
 
 
 def _kind(block: nn.Module) -> str:
-    if isinstance(block, ResidualStack):
-        inner = sorted({type(l).__name__ for l in block.layers})
-        return f"{type(block).__name__} x{len(block.layers)} ({'+'.join(inner)})"
-    return type(block).__name__
+    describe = lookup(block, "describe")
+    return describe(block) if describe is not None else type(block).__name__
 
 
 def _device(spec: str, model: nn.Module) -> torch.device:

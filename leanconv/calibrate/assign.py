@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from leanconv.layers.topology import TopoConv2d
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ def _perm_from(gain: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def assign_layer(layer: TopoConv2d, importance: Tensor, dense: Tensor | None = None) -> Assignment:
+def assign_layer(layer, importance: Tensor, dense: Tensor | None = None) -> Assignment:
     """Choose ``layer``'s assignment from ``importance`` (out, in) and apply it.
 
     With ``dense`` ``(out, in, kh, kw)``, the kept weights are reloaded from it; otherwise the

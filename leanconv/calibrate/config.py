@@ -5,9 +5,8 @@ import enum
 from dataclasses import asdict, dataclass
 
 from leanconv.errors import ConfigError
+from leanconv.fields import checked_fields as _checked_fields, enum_field as _enum, plain as _plain
 
-# The field helpers live in leanconv.recipes.spec, whose package imports this module: they are
-# imported where used, so that either package can be imported first.
 
 
 class Mode(str, enum.Enum):
@@ -55,8 +54,6 @@ class CalibrationConfig:
     seed: int = 0                   # image subset, reservoir sampling and refinement batches
 
     def __post_init__(self) -> None:
-        from leanconv.recipes.spec import _enum
-
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "calibration.mode"))
         object.__setattr__(self, "solver", _enum(Solver, self.solver, "calibration.solver"))
         object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "calibration.schedule"))
@@ -71,12 +68,8 @@ class CalibrationConfig:
                 raise ConfigError(f"calibration.{name}: must be a number >= 0, got {v!r}")
 
     def to_dict(self) -> dict:
-        from leanconv.recipes.spec import _plain
-
         return {k: _plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationConfig":
-        from leanconv.recipes.spec import _checked_fields
-
         return cls(**_checked_fields(cls, d, "calibration"))

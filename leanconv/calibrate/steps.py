@@ -1,12 +1,12 @@
 """The steps of a replacement layer and the closed-form refit of each step's projection.
 
-A replacement is a chain of steps: a ResidualStack's layers (``x = act(norm(layer(x)) [+ x])``,
+A replacement is a chain of steps: a stack's layers (``x = act(norm(layer(x)) [+ x])``,
 linear after the last), or a single layer. A step whose layer applies fixed depthwise filters
-before a 1x1 projection (UnraveledConv, SICLayer, SpatialBottleneck) has a closed-form refit: its
+before a 1x1 projection (a layer type with a ``fit`` hook) has a closed-form refit: its
 projection is a ridge least-squares problem on the depthwise outputs, whatever the projection's
 topology. Inside a stack each step sees the real activations the earlier (already refit) steps
 give it, and aims at the original output plus the per-channel shift that keeps the next ReLU in
-its linear range (the stack's data-free convention, see ``ResidualStack.init_from_kernel``); the
+its linear range (the stack's data-free convention, see ``leanconv.methods.stack``); the
 last step aims at the original output itself.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanconv.batchnorm import bn_affine
@@ -22,16 +21,9 @@ from leanconv.calibrate import capture
 from leanconv.calibrate.assign import Assignment, assign_layer
 from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve
 from leanconv.layers import functional as LF
-from leanconv.layers.bottleneck import SpatialBottleneck, bottleneck_pad
-from leanconv.layers.projection import load_projection, projection_matrix
-from leanconv.layers.sic import SICLayer
-from leanconv.layers.stack import ResidualStack, resize_kernel
-from leanconv.layers.topology import TopoConv2d
-from leanconv.layers.unravel import UnraveledConv
 from leanconv.passes.analyze import relu_shift
 from leanconv.passes.plain import as_plain_conv
-
-FITTABLE = (UnraveledConv, SICLayer, SpatialBottleneck)
+from leanconv.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -46,15 +38,14 @@ class Step:
 
     @property
     def fittable(self) -> bool:
-        return isinstance(self.layer, FITTABLE)
+        return lookup(self.layer, "fit") is not None
 
 
 def steps_of(block: nn.Module) -> list[Step]:
     """The chain of steps of a replacement layer."""
-    if isinstance(block, ResidualStack):
-        last = len(block.layers) - 1
-        return [Step(i, l, block.residual[i], block.norms[i] if block.norms is not None and i < last else None,
-                     i < last and block.activation == "relu") for i, l in enumerate(block.layers)]
+    chain = lookup(block, "steps")
+    if chain is not None:
+        return [Step(i, *s) for i, s in enumerate(chain(block))]
     return [Step(0, block, False, None, False)]
 
 
@@ -85,12 +76,12 @@ class ProjectionFit:
         self.step, self.name = step, name
         layer = step.layer
         proj = layer.project
-        self.bottleneck = isinstance(layer, SpatialBottleneck)
-        bias = layer.bias if self.bottleneck else proj.bias
-        self.intercept = bias is not None
-        # fixed for the whole fit: the ridge prior, and the bias a bottleneck's targets are taken against
-        self.prior = projection_matrix(proj).detach().clone()  # (out, in)
-        self.bias0 = layer.bias.detach().clone() if self.bottleneck and layer.bias is not None else None
+        self.hooks = fit = lookup(layer, "fit")
+        self.intercept = fit.bias(layer) is not None
+        # fixed for the whole fit: the ridge prior, and the bias a layer's targets are taken against
+        self.prior = fit.matrix(layer).detach().clone()  # (out, in)
+        bias0 = fit.start_bias(layer)
+        self.bias0 = bias0.detach().clone() if bias0 is not None else None
         dev = proj.weight.device
         # even and odd images of every batch: two folds, to choose the ridge by validation
         self.folds = (RidgeStats(proj.in_channels, proj.out_channels, dev),
@@ -110,11 +101,8 @@ class ProjectionFit:
         if step.norm is not None:
             scale, offset = bn_affine(step.norm)
             t = (t - offset[:, None, None]) / scale[:, None, None]
-        if self.bottleneck:
-            g = layer.down(bottleneck_pad(x, layer.k, layer.offset))  # (N, in, h, w) reduced grid
-            t = self._reduced_target(t - (self.bias0.view(1, -1, 1, 1) if self.bias0 is not None else 0))
-        else:
-            g = layer.depthwise(x)  # (N, n, Ho, Wo)
+        g = self.hooks.features(layer, x)  # (N, n, Ho, Wo): what the projection sees
+        t = self.hooks.target(layer, t, self.bias0)
         g, t = _flat(g), _flat(t)  # (N*H*W, n), (N*H*W, m)
         ref = (g.mean(0), t.mean(0)) if self.folds[0].g_ref is None else None
         per_image = g.shape[0] // x.shape[0]
@@ -125,21 +113,6 @@ class ProjectionFit:
     @property
     def stats(self) -> RidgeStats:
         return self.folds[0].merged(self.folds[1])
-
-    def _reduced_target(self, t: Tensor) -> Tensor:
-        """The reduced-grid target: the output the transposed conv spreads best onto ``t``.
-
-        ``up`` maps a reduced value z to ``u[a, b] * z`` on its k x k cell, so the squared error of
-        a cell is ``|u|² (z - Σ u t / |u|²)²`` + const: a least-squares problem on the cell means
-        ``Σ u t / Σ u²`` (over the pixels that exist, for the cropped border cells).
-        """
-        layer = self.step.layer
-        k, off, co = layer.k, layer.offset, layer.out_channels
-        u = layer.up.weight  # (co, 1, k, k)
-        num = F.conv2d(bottleneck_pad(t, k, off), u, stride=k, groups=co)  # (N, co, h, w)
-        ones = bottleneck_pad(torch.ones_like(t[:1, :1]), k, off).expand(1, co, -1, -1)
-        den = F.conv2d(ones, u * u, stride=k, groups=co)  # (1, co, h, w)
-        return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
 
     def shift(self) -> Tensor:
         """Per-channel shift that keeps the next ReLU linear, from the targets' mean and spread."""
@@ -159,11 +132,12 @@ class ProjectionFit:
         Raises:
             NumericalError: non-finite statistics or solution; the layer is left as it was.
         """
-        layer, proj = self.step.layer, self.step.layer.project
+        layer, fit = self.step.layer, self.hooks
         where = f"{self.name} (layer {self.step.index})" if self.step.index or self.step.relu_after else self.name
         prior, stats = self.prior, self.stats
         chosen = None
-        if isinstance(proj, TopoConv2d):
+        proj = fit.topological(layer)  # a topological projection, or None
+        if proj is not None:
             if assign:
                 free = ridge_solve(stats, ridges[0], prior, intercept=self.intercept, name=where)
                 energy = torch.diagonal(stats.moments(self.intercept).gg).clamp(min=0)  # (in,)
@@ -174,12 +148,10 @@ class ProjectionFit:
             mask = (None, None)
         ridge = choose_ridge(self.folds, ridges, prior, *mask, self.intercept, where)
         sol = ridge_solve(stats, ridge, prior, *mask, self.intercept, where)
-        load_projection(proj, sol.weight.to(prior))
-        bias = layer.bias if self.bottleneck else proj.bias
+        fit.load(layer, sol.weight.to(prior))
+        bias = fit.bias(layer)
         if bias is not None:
-            new = sol.bias
-            if self.bottleneck:  # the reduced-grid intercept, spread by `up`, as one constant per channel
-                new = self.bias0.double() + new * layer.up.weight.double().mean((1, 2, 3))
+            new = fit.new_bias(layer, self.bias0, sol.bias)
             if self.step.relu_after:
                 s = self.shift()
                 if self.step.norm is not None:
@@ -203,14 +175,5 @@ def datafree_assign(step: Step, conv: nn.Conv2d) -> Assignment | None:
     target = as_plain_conv(conv).weight.detach()  # a Conv2d subclass: the kernel it applies
     if step.residual:
         target = target - LF.centre_identity(target.shape[0], target.shape[-2:], target.dtype).to(target)
-    if isinstance(layer, TopoConv2d):
-        return assign_layer(layer, target.pow(2).sum((2, 3)), target)
-    if not isinstance(layer, FITTABLE) or not isinstance(layer.project, TopoConv2d):
-        return None
-    if isinstance(layer, UnraveledConv):
-        dense = LF.unravel_svd(target, layer.multiplier)[1]
-    elif isinstance(layer, SICLayer):
-        dense = LF.unravel_svd(resize_kernel(target, layer.kernel_size[0]), 1)[1]
-    else:
-        dense = target.sum(dim=(2, 3))
-    return assign_layer(layer.project, dense.pow(2), dense[:, :, None, None])
+    assign = lookup(layer, "datafree_assign")
+    return assign(layer, target) if assign is not None else None

@@ -5,7 +5,7 @@ import enum
 from dataclasses import asdict, dataclass
 
 from leanconv.errors import ConfigError
-from leanconv.recipes.spec import _checked_fields, _enum, _plain
+from leanconv.fields import checked_fields as _checked_fields, enum_field as _enum, plain as _plain
 
 
 class Optimizer(str, enum.Enum):

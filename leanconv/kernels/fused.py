@@ -9,12 +9,15 @@ import torch
 from torch import Tensor
 
 from leanconv.errors import ConfigError
-from leanconv.kernels.triton_util import DTYPES, kernel_path, runs_on
+from leanconv.kernels.triton_util import DTYPES, kernel_module, kernel_path, load_kernels, runs_on  # noqa: F401
 from leanconv.optimize.ops import InferenceOp
+from leanconv.registry import register_alternatives
 
 # frozen op type -> functions returning its fused alternatives (registered where each kernel is defined)
 _BUILDERS: dict[type, list[Callable[[InferenceOp], list["FusedOp"]]]] = {}
-_KERNEL_MODULES = ("leanconv.kernels.triton.sic", "leanconv.kernels.triton.bottleneck", "leanconv.kernels.triton.topo")
+# kernel modules imported on first use besides those a method's home registers with
+# ``triton_util.kernel_module`` (which is how a method adds its own)
+_KERNEL_MODULES: tuple[str, ...] = ()
 
 
 def fused_alternative(op_type: type) -> Callable:
@@ -26,6 +29,7 @@ def fused_alternative(op_type: type) -> Callable:
     return register
 
 
+@register_alternatives
 def gpu_alternatives(op: InferenceOp) -> list["FusedOp"]:
     """Fused-kernel alternatives of a frozen op, each computing exactly what ``op`` computes
     (epilogue included); empty unless the op's weights are on a device the kernels run on
@@ -35,6 +39,7 @@ def gpu_alternatives(op: InferenceOp) -> list["FusedOp"]:
         return []
     for name in _KERNEL_MODULES:  # each registers its builders on first import
         importlib.import_module(name)
+    load_kernels()  # the kernel modules the methods registered (triton_util.kernel_module)
     out: list[FusedOp] = []
     for build in _BUILDERS.get(type(op), []):
         try:

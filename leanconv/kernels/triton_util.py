@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from leanconv.optimize import ops
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _STATE = threading.local()
 
@@ -31,11 +33,32 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def kernels_interpreted() -> bool:
-    """Whether leanconv's Triton kernels were defined in interpreter mode (imports them)."""
-    from leanconv.kernels import triton as kt
+_MODULES: list[str] = []      # modules defining fused kernels (imported on first use)
+_INTERPRETED: list[bool] = []  # fixed by the first kernel module imported
 
-    return kt.INTERPRETED
+
+def kernel_module(name: str) -> None:
+    """Register a module that defines fused kernels (and registers them with
+    ``fused.fused_alternative`` on import): a method's home calls this, so that the kernels (and
+    Triton) are imported only where ``fused.gpu_alternatives`` is asked for them."""
+    if name not in _MODULES:
+        _MODULES.append(name)
+
+
+def load_kernels() -> None:
+    """Import every registered kernel module (each registers its builders on first import)."""
+    import importlib
+
+    for name in list(_MODULES):
+        importlib.import_module(name)
+
+
+def kernels_interpreted() -> bool:
+    """Whether leanconv's Triton kernels are (or will be) defined under Triton's interpreter:
+    ``TRITON_INTERPRET`` at the first call, which each kernel module makes on import."""
+    if not _INTERPRETED:
+        _INTERPRETED.append(interpreter_requested())
+    return _INTERPRETED[0]
 
 
 @contextlib.contextmanager
@@ -87,8 +110,6 @@ def kernel_path(x: Tensor) -> bool:
     """Whether this call may run a fused kernel: an inference input (no autograd) of a supported
     dtype on a device the kernels run on, outside ``portable()``, ONNX export, TorchScript and
     ``torch.jit.trace``. ``torch.compile`` and ``torch.export`` see the kernels as one custom op."""
-    from leanconv.optimize import ops
-
     if x.requires_grad or x.dtype not in DTYPES or getattr(ops._STATE, "portable", False):
         return False
     if torch.compiler.is_compiling():

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from leanconv.layers.topology import TopoConv2d
+from leanconv.registry import hooked, lookup
 
-COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, TopoConv2d)
+COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)  # and every layer type with a "macs" hook
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ class Complexity:
 def module_macs(module: nn.Module, inp: Tensor, out: Tensor) -> int:
     """MACs of one call of a counted module, per image (batch dimension divided out)."""
     batch = inp.shape[0] if inp.dim() == 4 else 1
-    if isinstance(module, TopoConv2d):
-        kh, kw = module.kernel_size
-        return out.numel() // batch * module.topology.connections * kh * kw
+    own = lookup(module, "macs")
+    if own is not None:
+        return own(module, inp, out)
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return out.numel() // batch * (module.in_channels // module.groups) * kh * kw
@@ -76,7 +76,7 @@ def count(model: nn.Module, example_inputs: Tensor | tuple) -> Complexity:
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, COUNTED):
+        if isinstance(module, COUNTED + hooked("macs")):
             kinds[name] = type(module).__name__
             handles.append(module.register_forward_hook(hook(name)))
     was_training = model.training

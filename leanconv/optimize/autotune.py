@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from leanconv.measure.timing import time_interleaved
 from leanconv.optimize.freeze import alternatives
-from leanconv.optimize.ops import ChunkedOp, ConvOp, InferenceOp, SplitOp, StackOp, fused_path
+from leanconv.optimize.ops import ChunkedOp, ConvOp, InferenceOp, StackOp, fused_path
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
             big = _pick(_signature("big", op, x.shape), lambda: (int(_seconds(op, x) > 2e-3), ()))[0]
             if big:
                 continue  # its implementations differ by per-call overheads only (tens of us): keep oneDNN's
-        if isinstance(op, SplitOp):  # its depthwise conv first, alone (not every pairing)
+        if getattr(op, "tune_depthwise_first", False):  # its depthwise conv first, alone (not every pairing)
             dws = alternatives(op.depthwise)
             k, _ = _pick(_signature("dw", op.depthwise, x.shape), lambda: _fastest(
                 [lambda c=c: c(x) for c in dws], repeats, warmup, x.device, budget_s / 2))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanconv.layers import functional as LF
-from leanconv.layers.topo_impl import BandPlan, TopoImpl, pack_bands, window_channels
+from leanconv.layers.geometry import ConvGeometry
 
 _STATE = threading.local()
 
@@ -137,8 +137,6 @@ class ConvOp(InferenceOp):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "ConvOp":
-        from leanconv.layers.geometry import ConvGeometry
-
         g = ConvGeometry.of(conv)
         return cls(conv.weight, conv.bias, g.stride, g.padding, g.dilation, g.groups, g.padding_mode)
 
@@ -279,367 +277,6 @@ class LinearOp(InferenceOp):
                 f"bias={self.bias is not None}, relu={self.relu}, impl={self.impl}")
 
 
-class TopoOp(InferenceOp):
-    """A topological conv computed by tiles (``TopoImpl.BANDS`` / ``BATCHED`` / ``GROUPED``).
-
-    Keeps the compact weight and the channel -> grid assignment; the per-tile kernels are
-    packed once here. ``DENSE`` is not a TopoOp: it is the ConvOp of ``dense_kernel``.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, neighbours: Tensor, in_perm: Tensor, out_perm: Tensor,
-                 impl: TopoImpl, plan: BandPlan, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0]))
-        self.register_buffer("neighbours", neighbours.clone())
-        self.register_buffer("in_perm", in_perm.clone())
-        self.register_buffer("out_perm", out_perm.clone())
-        self.register_buffer("out_inv", LF.inverse_permutation(out_perm))
-        self.impl, self.plan = TopoImpl(impl), plan
-        self.stride, self.padding, self.dilation = LF.pair(stride), LF.pair(padding), LF.pair(dilation)
-        self.in_identity = LF.is_identity(in_perm)
-        self.out_identity = LF.is_identity(out_perm)
-        self.relu = False
-        self.register_buffer("res_scale", None)
-        self.register_buffer("packed", None, persistent=False)
-        self.register_buffer("bias_grid", None, persistent=False)
-        self.repack()
-
-    @classmethod
-    def from_layer(cls, layer, impl: TopoImpl, plan: BandPlan) -> "TopoOp":
-        return cls(layer.weight, layer.bias, layer.neighbours, layer.in_perm, layer.out_perm, impl, plan,
-                   layer.stride, layer.padding, layer.dilation)
-
-    @property
-    def in_channels(self) -> int:
-        return self.in_perm.numel()
-
-    @property
-    def out_channels(self) -> int:
-        return self.out_perm.numel()
-
-    @torch.no_grad()
-    def repack(self) -> None:
-        packed = pack_bands(self.weight, self.neighbours, self.plan)  # (T, t, width, kh, kw)
-        bias_grid = self.bias[self.out_perm]
-        if self.impl is TopoImpl.GROUPED:
-            self.packed = packed.reshape(-1, self.plan.width, *self.weight.shape[2:]).contiguous()
-        else:
-            self.packed = packed[..., 0, 0].transpose(1, 2).contiguous()  # (T, width, t)
-        self.bias_grid = bias_grid.contiguous()
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if self.impl is TopoImpl.GROUPED:
-            return self._grouped(x, residual)
-        b, _, h, w = x.shape
-        p = b * h * w
-        x2 = x.permute(0, 2, 3, 1).reshape(p, -1)  # (P, in); a view for channels_last input
-        if not self.in_identity:
-            x2 = x2.index_select(1, self.in_perm)
-        eager = fused_path(x)
-        if self.impl is TopoImpl.BATCHED or not eager:
-            y2 = self._matmuls(x2, batched=eager)  # (P, out) grid order
-            if not self.out_identity:
-                y2 = y2.index_select(1, self.out_inv)
-            y = (y2 + self.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
-            return epilogue(y, residual, self.res_scale, self.relu)
-        # BANDS, eager: every tile accumulates into one (P, out) buffer that already holds
-        # bias (+ residual), so the epilogue costs one pass at most (the ReLU).
-        if residual is not None and self.out_identity:
-            r2 = residual.permute(0, 2, 3, 1).reshape(p, -1)
-            if self.res_scale is not None:
-                acc = torch.addcmul(self.bias, r2, self.res_scale)
-            else:
-                acc = torch.add(r2, self.bias)
-            self._bands(x2, acc)
-            residual = None
-        elif self.out_identity:
-            acc = self.bias.expand(p, -1).clone()
-            self._bands(x2, acc)
-        else:
-            acc = self._bands(x2, x2.new_zeros(p, self.out_channels)).index_select(1, self.out_inv) + self.bias
-        y = acc.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, out, H, W) channels_last
-        if residual is not None:
-            y = y.add_(residual if self.res_scale is None else residual * self.res_scale.view(1, -1, 1, 1))
-        return y.relu_() if self.relu else y
-
-    def _bands(self, x2: Tensor, acc: Tensor) -> Tensor:
-        from leanconv.layers.topo_impl import bands_matmul
-
-        return bands_matmul(x2, self.packed, self.plan, acc)
-
-    def _matmuls(self, x2: Tensor, batched: bool) -> Tensor:
-        """Grid-order (P, out) without bias: one bmm over strided windows (eager BATCHED), else
-        slices, matmuls and one concat (exportable)."""
-        plan = self.plan
-        if batched and self.impl is TopoImpl.BATCHED and plan.step is not None:
-            from leanconv.layers.topo_impl import batched_matmul
-
-            return batched_matmul(x2.contiguous(), self.packed, plan)
-        xp = torch.cat([x2, x2[:, :plan.pad]], 1) if plan.pad else x2  # (P, in + pad)
-        parts = [xp[:, s:s + plan.width] @ self.packed[j] for j, s in enumerate(plan.starts)]  # (P, t) each
-        return torch.cat(parts, 1)
-
-    def _grouped(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        xg = x if self.in_identity else x.index_select(1, self.in_perm)
-        win = window_channels(xg, self.plan, strided=fused_path(x))  # (B, T*width, H, W)
-        if self.out_identity:
-            return conv_epilogue(win, self.packed, self.bias_grid, self.stride, self.padding, self.dilation,
-                                 self.plan.tiles, residual, self.res_scale, self.relu)
-        y = F.conv2d(win, self.packed, None, self.stride, self.padding, self.dilation, self.plan.tiles)
-        y = y.index_select(1, self.out_inv) + self.bias.view(1, -1, 1, 1)
-        return epilogue(y, residual, self.res_scale, self.relu)
-
-    @torch.no_grad()
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        self.weight.mul_(a[self.out_perm].view(-1, 1, 1, 1))
-        self.bias.mul_(a).add_(b)
-        self.repack()
-
-    @torch.no_grad()
-    def scale_input(self, s: Tensor) -> None:
-        self.weight.mul_(s[self.in_perm[self.neighbours]][..., None, None])
-        self.repack()
-
-    def dense_kernel(self):
-        kh, kw = self.weight.shape[2:]
-        dense = self.weight.new_zeros(self.out_channels, self.in_channels, kh, kw)
-        dense[self.out_perm[:, None], self.in_perm[self.neighbours]] = self.weight
-        return dense, self.bias, {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
-                                  "groups": 1, "padding_mode": "zeros"}
-
-    def impl_name(self) -> str:
-        return f"topo-{self.impl.value}(tile={self.plan.tile},window={self.plan.width}/{self.in_channels})"
-
-
-class SplitOp(InferenceOp):
-    """A depthwise conv (stride, padding; multiplier b) then a projection: SIC and unraveled layers."""
-
-    def __init__(self, depthwise: ConvOp, project: InferenceOp) -> None:
-        super().__init__()
-        self.depthwise, self.project = depthwise, project
-
-    relu = property(lambda self: self.project.relu, lambda self, v: setattr(self.project, "relu", v))
-    res_scale = property(lambda self: self.project.res_scale, lambda self, v: setattr(self.project, "res_scale", v))
-
-    @property
-    def in_channels(self) -> int:
-        return self.depthwise.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.project.out_channels
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self.project(self.depthwise(x), residual)
-
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        self.project.scale_output(a, b)
-
-    def scale_input(self, s: Tensor) -> None:
-        self.depthwise.scale_input(s)
-
-    @torch.no_grad()
-    def dense_kernel(self):
-        pk = self.project.dense_kernel()
-        if pk is None or pk[2]["groups"] != 1 or pk[0].shape[2:] != (1, 1) or self.depthwise.padding_mode != "zeros":
-            return None
-        proj, bias = pk[0][:, :, 0, 0], pk[1]  # (out, in*b)
-        dw = self.depthwise.weight  # (in*b, 1, kh, kw)
-        ci, b = self.depthwise.groups, dw.shape[0] // self.depthwise.groups
-        # W[o, i] = sum_r proj[o, i*b + r] * dw[i*b + r]
-        w = torch.einsum("oir,irhw->oihw", proj.view(-1, ci, b), dw.view(ci, b, *dw.shape[2:]))
-        d = self.depthwise
-        return w.contiguous(), bias, {"stride": d.stride, "padding": d.padding, "dilation": d.dilation,
-                                      "groups": 1, "padding_mode": "zeros"}
-
-    def impl_name(self) -> str:
-        return f"{self.depthwise.impl_name()}+{self.project.impl_name()}"
-
-
-class SplitSumOp(InferenceOp):
-    """An unraveled layer (depthwise multiplier b > 1) as b depthwise convs of multiplier 1, each
-    projected and accumulated: ``y = sum_r P_r(dw_r(x))``. oneDNN's depthwise kernel handles
-    multiplier 1 only: a multiplier-4 depthwise conv runs at 2.5-6 GMAC/s against 11-25 for
-    four multiplier-1 ones (1 thread), and the b-fold wide intermediate is never written. Each
-    projection adds the running sum in its fused epilogue; the first adds the residual, the last
-    applies the ReLU."""
-
-    def __init__(self, depthwise: list[ConvOp], project: list[ConvOp]) -> None:
-        super().__init__()
-        self.depthwise, self.project = nn.ModuleList(depthwise), nn.ModuleList(project)
-
-    @classmethod
-    def from_split(cls, op: SplitOp) -> "SplitSumOp | None":
-        """The split-sum form of a SplitOp with multiplier > 1 and a dense 1x1 projection, else None."""
-        d, p = op.depthwise, op.project
-        ci = d.groups
-        b = d.out_channels // ci
-        if (b < 2 or ci != d.in_channels or not isinstance(p, ConvOp) or p.groups != 1
-                or p.weight.shape[2:] != (1, 1) or p.stride != (1, 1) or p.padding != (0, 0)):
-            return None
-        # depthwise output channel i*b + r is input channel i's r-th filter
-        dws = [ConvOp(d.weight[r::b], d.bias[r::b], d.stride, d.padding, d.dilation, ci, d.padding_mode, impl=d.impl)
-               for r in range(b)]
-        projs = [ConvOp(p.weight[:, r::b], p.bias if r == 0 else torch.zeros_like(p.bias), impl=p.impl)
-                 for r in range(b)]
-        return cls(dws, projs).epilogue_from(op)
-
-    relu = property(lambda self: self.project[-1].relu, lambda self, v: setattr(self.project[-1], "relu", v))
-    res_scale = property(lambda self: self.project[0].res_scale,
-                         lambda self, v: setattr(self.project[0], "res_scale", v))
-
-    @property
-    def in_channels(self) -> int:
-        return self.depthwise[0].in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.project[0].out_channels
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = residual
-        for dw, proj in zip(self.depthwise, self.project):
-            y = proj(dw(x), y)
-        return y
-
-    @torch.no_grad()
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        for r, proj in enumerate(self.project):
-            proj.scale_output(a, b if r == 0 else torch.zeros_like(b))
-
-    def scale_input(self, s: Tensor) -> None:
-        for dw in self.depthwise:
-            dw.scale_input(s)
-
-    def impl_name(self) -> str:
-        return f"{len(self.depthwise)}x({self.depthwise[0].impl_name()}+{self.project[0].impl_name()}) summed"
-
-
-class BottleneckOp(InferenceOp):
-    """SpatialBottleneck: depthwise stride-k conv, projection, depthwise transposed conv.
-
-    The pad before and the crop after are done by the convs' own padding where the geometry
-    allows (offset 1 always; offset 0 when the size is a multiple of k), so no copies are made.
-    """
-
-    def __init__(self, down: ConvOp, project: InferenceOp, up_weight: Tensor, bias: Tensor | None, k: int,
-                 offset: int, up_impl: str = "deconv") -> None:
-        super().__init__()
-        self.down, self.project = down, project
-        self.register_buffer("up_weight", up_weight.detach().clone().contiguous())  # (C, 1, k, k)
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else up_weight.new_zeros(up_weight.shape[0]))
-        self.k, self.offset, self.up_impl = k, offset, up_impl  # up_impl: "deconv" | "expand"
-        self.down.padding = (offset, offset)
-        self.relu = False
-        self.register_buffer("res_scale", None)
-
-    @property
-    def in_channels(self) -> int:
-        return self.down.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.up_weight.shape[0]
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        k, off = self.k, self.offset
-        h, w = x.shape[-2:]
-        # the down conv pads `off` on every side; the layer pads `off` before and up to the next
-        # multiple of k after: when that needs more than `off`, the rest is padded here
-        pad_h, pad_w = (max(0, LF.bottleneck_padding(n, k, off) - off) for n in (h, w))
-        direct = pad_h == 0 and pad_w == 0
-        if not direct:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        z = self.project(self.down(x))
-        fresh = self.up_impl == "deconv"  # else y may be a crop view: materialized once below
-        if self.up_impl == "expand" and fused_path(z):
-            y, fresh = self._expand_cropped(z, h, w), True
-        elif self.up_impl == "expand":
-            y = self._expand(z)[..., off:off + h, off:off + w]  # a view: the crop costs nothing
-        else:
-            rh, rw = z.shape[-2:]
-            out_pad = (2 * off + h - rh * k, 2 * off + w - rw * k) if direct else (0, 0)
-            y = F.conv_transpose2d(z, self.up_weight, self.bias, k, off if direct else 0, out_pad, self.out_channels)
-            if not direct:
-                y = y[..., off:off + h, off:off + w]
-        if residual is not None:
-            if self.res_scale is not None:
-                residual = residual * self.res_scale.view(1, -1, 1, 1)
-            if self.relu and fused_path(y):  # add and ReLU in one pass
-                return torch.ops.aten._add_relu_(y, residual) if fresh else torch.ops.aten._add_relu(y, residual)
-            y = y.add_(residual) if fresh else torch.add(y, residual)
-            fresh = True
-        if self.relu:
-            return y.relu_() if fresh else F.relu(y)
-        return y if fresh else y.contiguous(memory_format=torch.channels_last)
-
-    def _expand_cropped(self, z: Tensor, h: int, w: int) -> Tensor:
-        """The transposed conv and the crop in one, written into a fresh channels_last
-        ``(B, C, h, w)`` tensor (no uncropped intermediate, so the epilogue runs on contiguous
-        memory). Output row ``p`` is tap ``(p + offset) % k`` of reduced row ``(p + offset) // k``
-        (columns likewise): the rows and columns that start whole k x k blocks take one broadcast
-        multiply-add; the cropped edge strips (fewer than k rows or columns) one call per tap."""
-        b, c = z.shape[:2]
-        k, off = self.k, self.offset
-        zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
-        y = z.new_empty(b, h, w, c)
-        ps = qs = (-off) % k  # first row / column that starts a block
-        nr, nc = max(0, (h - ps) // k), max(0, (w - qs) // k)
-        pe, qe = ps + nr * k, qs + nc * k
-        if nr and nc:
-            r0, c0 = (ps + off) // k, (qs + off) // k
-            taps = self.up_weight[:, 0].permute(1, 2, 0)  # (k, k, C)
-            torch.addcmul(self.bias, zl[:, r0:r0 + nr, None, c0:c0 + nc, None], taps[None, :, None],
-                          out=y[:, ps:pe, qs:qe].unflatten(1, (nr, k)).unflatten(3, (nc, k)))
-        for strip in ((0, min(ps, h), 0, w), (pe, h, 0, w), (ps, pe, 0, min(qs, w)), (ps, pe, qe, w)):
-            self._taps_into(y, zl, *strip)
-        return y.permute(0, 3, 1, 2)
-
-    def _taps_into(self, y: Tensor, zl: Tensor, pa: int, pb: int, qa: int, qb: int) -> None:
-        """Output rows [pa, pb) x columns [qa, qb) of ``_expand_cropped``, one call per tap."""
-        k, off = self.k, self.offset
-        for a in range(k):
-            p0 = pa + (a - off - pa) % k
-            if p0 >= pb:
-                continue
-            rows, r0 = len(range(p0, pb, k)), (p0 + off) // k
-            for t in range(k):
-                q0 = qa + (t - off - qa) % k
-                if q0 >= qb:
-                    continue
-                cols, c0 = len(range(q0, qb, k)), (q0 + off) // k
-                torch.addcmul(self.bias, zl[:, r0:r0 + rows, c0:c0 + cols], self.up_weight[:, 0, a, t],
-                              out=y[:, p0:pb:k, q0:qb:k])
-
-    def _expand(self, z: Tensor) -> Tensor:
-        """The stride-k depthwise transposed conv as one broadcast multiply-add (no oneDNN deconv):
-        each reduced pixel times its channel's k x k filter, plus bias. ``(B, C, rh*k, rw*k)``."""
-        b, c, rh, rw = z.shape
-        k = self.k
-        zl = z.permute(0, 2, 3, 1)  # (B, rh, rw, C)
-        if fused_path(z):  # one strided write per phase: far faster than a 6-D broadcast in eager
-            y = z.new_empty(b, rh, k, rw, k, c)
-            for i in range(k):
-                for j in range(k):
-                    torch.addcmul(self.bias, zl, self.up_weight[:, 0, i, j], out=y[:, :, i, :, j, :])
-        else:
-            wl = self.up_weight[:, 0].permute(1, 2, 0).reshape(1, 1, k, 1, k, c)  # (1, 1, k, 1, k, C)
-            y = torch.addcmul(self.bias, zl.reshape(b, rh, 1, rw, 1, c), wl)  # (B, rh, k, rw, k, C)
-        return y.reshape(b, rh * k, rw * k, c).permute(0, 3, 1, 2)  # channels_last
-
-    @torch.no_grad()
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        self.up_weight.mul_(a.view(-1, 1, 1, 1))
-        self.bias.mul_(a).add_(b)
-
-    def scale_input(self, s: Tensor) -> None:
-        self.down.scale_input(s)
-
-    def impl_name(self) -> str:
-        return f"bottleneck({self.down.impl_name()}+{self.project.impl_name()}+{self.up_impl})"
-
-
 class StackOp(nn.Module):
     """ResidualStack, frozen: ``x = op_i(x, residual=x if residual[i])``, each op's epilogue set
     (ReLU between layers; the network's own ReLU after the last when it was fused)."""
@@ -726,7 +363,7 @@ class ChunkedOp(InferenceOp):
                 out = y.new_empty((n,) + tuple(y.shape[1:])).contiguous(memory_format=torch.channels_last)
                 out[i:i + c].copy_(y)
             else:
-                _run_into(self.inner, xs, rs, out[i:i + c])
+                run_into(self.inner, xs, rs, out[i:i + c])
         return out
 
     def impl_name(self) -> str:
@@ -734,16 +371,17 @@ class ChunkedOp(InferenceOp):
         return f"chunks of {self.chunk}: {inner}"
 
 
-def _run_into(op: nn.Module, x: Tensor, residual: Tensor | None, out: Tensor) -> None:
-    """``out[...] = op(x, residual)`` with the last conv writing into ``out`` where it can."""
+def run_into(op: nn.Module, x: Tensor, residual: Tensor | None, out: Tensor) -> None:
+    """``out[...] = op(x, residual)`` with the last conv writing into ``out`` where it can (an op
+    with a ``run_into(x, residual, out)`` method says how its last conv is reached)."""
     if isinstance(op, StackOp):
         last = len(op.ops) - 1
         for i, (o, res) in enumerate(zip(op.ops, op.residual)):
             if i == last:
-                return _run_into(o, x, x if res else None, out)
+                return run_into(o, x, x if res else None, out)
             x = o(x, x if res else None)
-    if isinstance(op, SplitOp):
-        return _run_into(op.project, op.depthwise(x), residual, out)
+    if hasattr(op, "run_into"):
+        return op.run_into(x, residual, out)
     if (isinstance(op, ConvOp) and op.impl == "onednn" and op.res_scale is None and op.padding_mode == "zeros"
             and out.is_contiguous(memory_format=torch.channels_last)):
         if residual is None:
@@ -756,20 +394,3 @@ def _run_into(op: nn.Module, x: Tensor, residual: Tensor | None, out: Tensor) ->
         return None
     out.copy_(op(x) if residual is None else op(x, residual))
     return None
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(a, b) with ``bn(y) = a * y + b`` per channel in eval mode.
-
-    Raises:
-        ValueError: for a BatchNorm without running statistics (it has no eval-mode affine map).
-    """
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("BatchNorm without running statistics cannot be folded")
-    a = torch.rsqrt(bn.running_var.detach() + bn.eps)
-    if bn.weight is not None:
-        a = a * bn.weight.detach()
-    b = -bn.running_mean.detach() * a
-    if bn.bias is not None:
-        b = b + bn.bias.detach()
-    return a, b

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from leanconv.batchnorm import bn_affine
 from leanconv.errors import ConfigError
-from leanconv.layers.registry import LEANCONV_LAYERS
+from leanconv.registry import layer_types
 from leanconv.optimize.autotune import ImplChoice, choose
-from leanconv.optimize.freeze import FREEZABLE, freeze
+from leanconv.optimize.freeze import freeze
 from leanconv.optimize.graph import try_epilogues
 from leanconv.optimize.memory import keep_freed_memory
 from leanconv.optimize.ops import LINEAR_MKLDNN, MKLDNN, ConvOp, InferenceOp, LinearOp, StackOp
@@ -63,13 +63,13 @@ def optimize(model: nn.Module, example_inputs: Tensor | tuple | None = None, *, 
     reference = copy.deepcopy(model).eval() if guarded else None
     m = model if inplace else copy.deepcopy(model)
     m.eval()
-    producers = tuple(LEANCONV_LAYERS) + (nn.Conv2d,)
+    producers = layer_types() + (nn.Conv2d,)
     links, why = try_epilogues(m, producers)
     if why is not None:
         warnings.warn(f"leanconv.optimize: {why}; BatchNorms after convs stay unfolded", stacklevel=2)
     follow = {e.producer: e for e in links}
 
-    for name in _top_level(m, LEANCONV_LAYERS):
+    for name in _top_level(m, layer_types()):
         op = freeze(m.get_submodule(name))
         _fold_epilogue(m, name, op, follow.get(name), fuse_relu)
         m.set_submodule(name, op)

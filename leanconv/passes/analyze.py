@@ -132,3 +132,15 @@ def norm_output_stats(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor] | None:
     if norm.running_mean is None or norm.running_var is None:
         return None
     return norm.running_mean.detach().float(), norm.running_var.detach().float().clamp(min=0).sqrt()
+
+
+def stack_shift(facts: ModelFacts, site: ConvSite, model: nn.Module) -> Tensor | None:
+    """Per-channel shift that keeps a replacement stack's inner ReLUs linear at the start
+    (``leanconv.methods.stack``): from the statistics of the norm after the conv, else of the conv's
+    output measured in ``facts``; None when neither is known."""
+    stats = None
+    if site.norm is not None:
+        stats = norm_output_stats(model.get_submodule(site.norm))
+    if stats is None:
+        stats = facts.output_stats.get(site.name)
+    return relu_shift(*stats) if stats is not None else None

@@ -4,9 +4,12 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from leanconv.passes.analyze import ConvSite, ModelFacts
-from leanconv.recipes.spec import Selection
+
+if TYPE_CHECKING:  # the settings are only read here
+    from leanconv.recipes.spec import Selection
 
 
 @dataclass(frozen=True)

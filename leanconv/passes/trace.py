@@ -7,7 +7,7 @@ import torch.fx
 from torch import nn
 
 from leanconv.errors import ModelError
-from leanconv.layers.registry import LEANCONV_LAYERS
+from leanconv.registry import layer_types
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -17,7 +17,7 @@ class LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaves: tuple[type, ...] = (), autowrap: tuple = ()) -> None:
         super().__init__(autowrap_functions=autowrap)
-        self.leaves = LEANCONV_LAYERS + (nn.Conv2d,) + tuple(leaves)
+        self.leaves = layer_types() + (nn.Conv2d,) + tuple(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)

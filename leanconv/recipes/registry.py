@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from leanconv import registry
 from leanconv.calibrate.config import CalibrationConfig
 from leanconv.errors import ConfigError
 from leanconv.finetune.config import FinetuneConfig
@@ -64,9 +65,26 @@ class Recipe:
 _REGISTRY: dict[str, Recipe] = {}
 
 
+def builtin_recipes() -> list[Recipe]:
+    """The built-in recipes, one per model of the paper (Tables 3, 5 and 6): every registered
+    method's presets (``leanconv.registry.Preset``), in the order of the paper's model letters."""
+    out = [Recipe(p.name, p.description, spec.from_dict(dict(p.params)), paper_model=p.paper_model,
+                  expected_ratio=p.expected_ratio)
+           for spec in registry.methods() for p in spec.presets]
+    return sorted(out, key=lambda r: (r.paper_model or "~", r.name))
+
+
+def _recipes() -> dict[str, Recipe]:
+    """The registry, with the built-in recipes added first."""
+    if not _REGISTRY:
+        for r in builtin_recipes():
+            _REGISTRY[r.name] = r
+    return _REGISTRY
+
+
 def register(recipe: Recipe) -> Recipe:
     """Add a recipe to the registry; a second recipe with the same name is refused."""
-    if recipe.name in _REGISTRY:
+    if recipe.name in _recipes():
         raise ConfigError(f"a recipe named {recipe.name!r} is already registered")
     _REGISTRY[recipe.name] = recipe
     return recipe
@@ -74,7 +92,7 @@ def register(recipe: Recipe) -> Recipe:
 
 def list_recipes() -> list[Recipe]:
     """All registered recipes, in registration order."""
-    return list(_REGISTRY.values())
+    return list(_recipes().values())
 
 
 def get_recipe(name_or_path: "str | Path | Recipe") -> Recipe:
@@ -88,7 +106,7 @@ def get_recipe(name_or_path: "str | Path | Recipe") -> Recipe:
     text = str(name_or_path)
     if text.endswith(".toml") or Path(text).is_file():
         return load_recipe_file(Path(text))
-    if text in _REGISTRY:
+    if text in _recipes():
         return _REGISTRY[text]
     close = difflib.get_close_matches(text, list(_REGISTRY), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""

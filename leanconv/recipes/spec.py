@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import ClassVar
 
 from torch import Tensor, nn
 
+from leanconv import registry
 from leanconv.errors import ConfigError
-from leanconv.layers import ResidualStack, SICStack, UnraveledConv
-from leanconv.layers.topology import Topology
+from leanconv.fields import checked_fields, int_in, plain
 
 
 class Method(str, enum.Enum):
-    """Replacement families of the paper."""
+    """Names of the built-in methods (a ``[layer]`` table's ``method``; any registered name works)."""
 
     UNRAVEL = "unravel"  # model B: depthwise x b + projection
     SIC = "sic"          # models C, D, E, I, J, K: SIC stack (optionally topological / bottleneck)
@@ -20,59 +21,37 @@ class Method(str, enum.Enum):
     GROUP = "group"      # model H: stacked grouped k x k convs (baseline)
 
 
-class Bottleneck(str, enum.Enum):
-    NONE = "none"  # plain SIC layers
-    HALF = "half"  # every other SIC layer becomes a bottleneck pair (model J)
-    FULL = "full"  # every SIC layer becomes a bottleneck pair (model K)
+class _Dispatch(type):
+    """``LayerSpec("sic", depth=3)`` builds the registered method's parameter dataclass."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is LayerSpec:
+            if args:
+                name, args = args[0], args[1:]
+            elif "method" in kwargs:
+                name = kwargs.pop("method")
+            else:
+                raise ConfigError(f"layer.method: missing; one of {[m.name for m in registry.methods()]}")
+            return registry.method(name)(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """How one dense k x k conv is replaced."""
+class LayerSpec(metaclass=_Dispatch):
+    """How one dense k x k conv is replaced: the base of every method's parameter dataclass.
 
-    method: Method
-    kernel: int = 3                 # sic: depthwise kernel size (odd)
-    multiplier: int = 4             # unravel: filters per input channel (b)
-    depth: int = 2                  # sic / topo / group: layers per replaced conv (m)
-    topology: int = 0               # grid rank of topological connections, 0 = dense projections
-    density: float | None = None    # fraction of inputs each output keeps; None = paper's for the rank
-    bottleneck: Bottleneck = Bottleneck.NONE  # sic: spatial bottleneck layers
-    bottleneck_k: int = 2           # bottleneck kernel = stride
-    groups: int = 4                 # group: groups per layer
-    # Between stacked layers. The paper (training from scratch) uses ReLU; converting a trained
-    # (linear) conv, a linear stack fits it better (relative error 0.18 vs 0.26 after the same
-    # refinement on a trained layer) and needs no ReLU shift, so recipes default to identity.
-    activation: str = "identity"    # relu | identity
-    # The paper adds a residual to every layer whose shapes allow it. Converting, the first layer
-    # does better without one: it then fits the conv itself instead of conv - identity (data-free
-    # error 0.55 vs 0.85 on a trained layer).
-    first_residual: bool = False
-    norm: bool = False              # BatchNorm after every stacked layer but the last
+    A method subclasses it as a frozen dataclass (its fields are the ``[layer]`` table's settings,
+    checked in ``__post_init__``), sets ``name`` and registers it with
+    ``leanconv.registry.register_method``. ``LayerSpec(name, **fields)`` and ``LayerSpec.from_dict``
+    build the registered method's dataclass.
+    """
 
-    def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> ConfigError:
-            return ConfigError(f"layer.{field}: {why} (got {getattr(self, field)!r})")
+    name: ClassVar[str] = ""
+    presets: ClassVar[tuple] = ()   # registry.Preset: the method's built-in recipes
+    menu: ClassVar[tuple] = ()      # (label, fields): the budget solver's default menu entries
 
-        object.__setattr__(self, "method", _enum(Method, self.method, "layer.method"))
-        object.__setattr__(self, "bottleneck", _enum(Bottleneck, self.bottleneck, "layer.bottleneck"))
-        if self.method is Method.SIC and (self.kernel < 1 or self.kernel % 2 == 0):
-            raise bad("kernel", "SIC kernel must be odd, e.g. 3 or 5")
-        if self.multiplier < 1:
-            raise bad("multiplier", "must be >= 1")
-        if self.depth < 1:
-            raise bad("depth", "must be >= 1")
-        if self.topology not in (0, 1, 2, 3):
-            raise bad("topology", "grid rank must be 0 (dense), 1, 2 or 3")
-        if self.density is not None and not 0 < self.density <= 1:
-            raise bad("density", "must be in (0, 1]")
-        if self.bottleneck_k < 2:
-            raise bad("bottleneck_k", "must be >= 2")
-        if self.groups < 1:
-            raise bad("groups", "must be >= 1")
-        if self.activation not in ("relu", "identity"):
-            raise bad("activation", "must be 'relu' or 'identity'")
-        if self.method is Method.TOPO and not self.topology:
-            raise bad("topology", "method 'topo' needs a grid rank of 1, 2 or 3")
+    @property
+    def method(self) -> str:
+        return self.name
 
     def build(self, conv: nn.Conv2d, shift: Tensor | None = None) -> nn.Module:
         """The data-free initialized replacement of ``conv``.
@@ -80,40 +59,66 @@ class LayerSpec:
         Raises:
             ConfigError: when this spec cannot represent ``conv`` (the message is the skip reason).
         """
-        if self.method is Method.UNRAVEL:
-            topo = None
-            if self.topology:
-                topo = Topology.auto(conv.in_channels * self.multiplier, conv.out_channels, self.topology,
-                                     self.density)
-            return UnraveledConv.from_conv(conv, self.multiplier, topo)
-        if self.method is Method.SIC:
-            return SICStack.from_conv(conv, self.kernel, self.depth, self.topology, self.density,
-                                      self.bottleneck.value, self.bottleneck_k, self.activation, self.norm, shift,
-                                      self.first_residual)
-        if self.method is Method.TOPO:
-            return ResidualStack.topological_from_conv(conv, self.topology, self.density, self.depth,
-                                                       self.activation, shift, self.first_residual)
-        return ResidualStack.grouped_from_conv(conv, self.groups, self.depth, self.activation, shift,
-                                               self.first_residual)
+        raise NotImplementedError
 
     def params(self) -> dict:
-        """The fields that matter for this method, for plans and tables."""
-        keep = {Method.UNRAVEL: ("multiplier", "topology", "density"),
-                Method.SIC: ("kernel", "depth", "topology", "density", "bottleneck", "bottleneck_k",
-                             "activation", "first_residual", "norm"),
-                Method.TOPO: ("depth", "topology", "density", "activation", "first_residual"),
-                Method.GROUP: ("depth", "groups", "activation", "first_residual")}[self.method]
-        out = {k: _plain(getattr(self, k)) for k in keep}
-        if self.method is Method.SIC and self.bottleneck is Bottleneck.NONE:
-            out.pop("bottleneck_k")
-        return out
+        """The method's fields, for plans and tables."""
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     def to_dict(self) -> dict:
-        return {k: _plain(v) for k, v in asdict(self).items()}
+        return {"method": self.name, **{k: plain(v) for k, v in asdict(self).items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":
-        return cls(**_checked_fields(cls, d, "layer"))
+        """The method's dataclass from a ``[layer]`` table. Fields of other registered methods are
+        accepted and dropped (a recipe extending another method's recipe, an older run's file);
+        a field no method knows is a ConfigError naming it."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"layer: expected a table of settings, got {type(d).__name__}")
+        rest = dict(d)
+        target = cls
+        if cls is LayerSpec:
+            if "method" not in rest:
+                raise ConfigError(f"layer.method: missing; one of {[m.name for m in registry.methods()]}")
+            target = registry.method(rest.pop("method"))
+        else:
+            rest.pop("method", None)
+        others = {f.name for m in registry.methods() for f in fields(m)} | {"method"}
+        return target(**checked_fields(target, rest, "layer", others))
+
+    @classmethod
+    def derive(cls, base: "LayerSpec", **changes) -> "LayerSpec":
+        """This method's spec with the fields it shares with ``base`` (e.g. the activation) and ``changes``."""
+        own = {f.name for f in fields(cls)}
+        shared = {k: v for k, v in asdict(base).items() if k in own}
+        return cls(**{**shared, **changes})
+
+    def replace(self, **changes) -> "LayerSpec":
+        return replace(self, **changes)
+
+
+def bad_field(field: str, value, why: str) -> ConfigError:
+    """The one-line error of a ``[layer]`` field: ``layer.<field>: <why> (got <value>)``."""
+    return ConfigError(f"layer.{field}: {why} (got {value!r})")
+
+
+def check_common(spec, ints: dict[str, tuple[int, int]]) -> None:
+    """Checks shared by the built-in methods: integer fields within their bounds (``ints``: name ->
+    (lo, hi)), and ``topology``, ``density``, ``activation``, ``first_residual``, ``norm`` where present."""
+    names = {f.name for f in fields(spec)}
+    for name, (lo, hi) in ints.items():
+        int_in(getattr(spec, name), f"layer.{name}", lo, hi)
+    if "topology" in names and spec.topology not in (0, 1, 2, 3):
+        raise bad_field("topology", spec.topology, "grid rank must be 0 (dense), 1, 2 or 3")
+    if "density" in names and spec.density is not None and (
+            isinstance(spec.density, bool) or not isinstance(spec.density, (int, float))
+            or not 0 < spec.density <= 1):
+        raise bad_field("density", spec.density, "must be in (0, 1]")
+    if "activation" in names and spec.activation not in ("relu", "identity"):
+        raise bad_field("activation", spec.activation, "must be 'relu' or 'identity'")
+    for flag in ("first_residual", "norm"):
+        if flag in names and not isinstance(getattr(spec, flag), bool):
+            raise bad_field(flag, getattr(spec, flag), "must be true or false")
 
 
 @dataclass(frozen=True)
@@ -150,34 +155,8 @@ class Selection:
                               f"got {self.speed_batch!r}")
 
     def to_dict(self) -> dict:
-        return {k: _plain(v) for k, v in asdict(self).items()}
+        return {k: plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Selection":
-        return cls(**_checked_fields(cls, d, "select"))
-
-
-def _enum(kind, value, field: str):
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{field}: {value!r} is not one of {[m.value for m in kind]}") from None
-
-
-def _plain(v):
-    if isinstance(v, enum.Enum):
-        return v.value
-    if isinstance(v, tuple):
-        return list(v)
-    return v
-
-
-def _checked_fields(cls, d: dict, prefix: str) -> dict:
-    """The keys of ``d`` that are fields of ``cls``; an unknown key is a ConfigError naming it."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix}: expected a table of settings, got {type(d).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown field; known fields: {sorted(names)}")
-    return dict(d)
+        return cls(**checked_fields(cls, d, "select"))

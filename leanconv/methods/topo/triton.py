@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from leanconv.kernels.fused import FusedOp, fused_alternative
-from leanconv.kernels.triton.projection import pack_projection
-from leanconv.kernels.triton.sic import sic_layer
+from leanconv.methods.topo.triton_projection import pack_projection
+from leanconv.methods.sic.triton import sic_layer
 from leanconv.kernels.triton_util import channels_last_empty, custom_op, dot_precision, sparse_tiles
-from leanconv.optimize.ops import TopoOp
+from leanconv.methods.topo.op import TopoOp
 
 
 def topo_projection(x: Tensor, weight: Tensor, bias: Tensor, res_scale: Tensor, residual: Optional[Tensor],

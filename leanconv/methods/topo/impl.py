@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leanconv.errors import ConfigError
+from leanconv.layers.functional import inverse_permutation, topo_conv_reference
 
 
 class TopoImpl(str, enum.Enum):
@@ -213,8 +214,6 @@ def topo_conv(x: Tensor, weight: Tensor, neighbours: Tensor, in_perm: Tensor, ou
         x: ``(B, in, H, W)``; weight ``(out, c, kh, kw)``; neighbours ``(out, c)`` grid positions;
         in_perm / out_perm: channel at each grid position; plan: tiles for BANDS/BATCHED/GROUPED.
     """
-    from leanconv.layers.functional import inverse_permutation, topo_conv_reference
-
     impl = TopoImpl(impl)
     if impl is TopoImpl.GATHER:
         return topo_conv_reference(x, weight, in_perm[neighbours], out_perm, bias, stride, padding, dilation)

@@ -1,5 +1,8 @@
-"""UnraveledConv [k, b] (paper model B): depthwise k x k with multiplier b, then a projection."""
+"""The ``unravel`` method (paper model B), whole in one module: UnraveledConv [k, b] (depthwise k x k
+with multiplier b, then a projection), its hooks for every stage, and its parameters."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -8,10 +11,15 @@ from leanconv.errors import ConfigError
 from leanconv.layers import functional as LF
 from leanconv.layers.functional import pair
 from leanconv.layers.geometry import ConvGeometry
-from leanconv.layers.projection import load_projection, make_projection, projection_topology
-from leanconv.layers.topology import Topology
+from leanconv.methods.topo.projection import load_projection, make_projection, projection_topology
+from leanconv.methods.split import freeze_split
+from leanconv.methods.topo.layer import Topology
+from leanconv.methods.topo.projection import ProjectionFitHooks, assign_projection
+from leanconv.recipes.spec import LayerSpec, check_common
+from leanconv.registry import Preset, hook, register_layer, register_method
 
 
+@register_layer
 class UnraveledConv(nn.Module):
     """Each input channel convolved with b k x k filters, then a 1x1 projection b*in -> out.
 
@@ -73,3 +81,40 @@ class UnraveledConv(nn.Module):
         return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg["multiplier"],
                    tuple(cfg["stride"]), tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["bias"],
                    cfg["padding_mode"], topo)
+
+
+@hook(UnraveledConv, "datafree_assign")
+def assign_unravel(layer: UnraveledConv, target: Tensor):
+    return assign_projection(layer, LF.unravel_svd(target, layer.multiplier)[1])
+
+
+hook(UnraveledConv, "fit", ProjectionFitHooks())
+hook(UnraveledConv, "freeze", freeze_split)
+
+MAX_MULTIPLIER = 256  # b >= k*k is exact (81 for 9x9); more only multiplies memory
+
+
+@register_method
+@dataclass(frozen=True)
+class UnravelSpec(LayerSpec):
+    """``[layer] method = "unravel"``: each conv becomes an UnraveledConv with ``multiplier`` filters
+    per input channel, SVD-initialized (optionally with a topological projection)."""
+
+    name = "unravel"
+    # expected_ratio: 4(9n + n^2) / 9n^2 = 4/9 + 4/n at n = 256 (see leanconv.methods.sic.method)
+    presets = (Preset("unravel-b4", "depthwise x4 + 1x1 projection, SVD start (paper model B)",
+                      {"multiplier": 4}, "B", 0.460069),)
+    menu = tuple((f"unravel-b{b}", {"multiplier": b, "topology": 0, "density": None}) for b in (1, 2, 4))
+
+    multiplier: int = 4             # filters per input channel (b)
+    topology: int = 0               # grid rank of a topological projection, 0 = dense
+    density: float | None = None    # fraction of inputs each output keeps; None = paper's for the rank
+
+    def __post_init__(self) -> None:
+        check_common(self, {"multiplier": (1, MAX_MULTIPLIER)})
+
+    def build(self, conv: nn.Conv2d, shift: Tensor | None = None) -> nn.Module:
+        topo = None
+        if self.topology:
+            topo = Topology.auto(conv.in_channels * self.multiplier, conv.out_channels, self.topology, self.density)
+        return UnraveledConv.from_conv(conv, self.multiplier, topo)

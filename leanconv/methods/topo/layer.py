@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanconv.calibrate.assign import assign_layer
 from leanconv.errors import ConfigError
 from leanconv.layers import functional as LF
 from leanconv.layers.functional import pair
-from leanconv.layers.topo_impl import TILED, TopoImpl, band_candidates, band_plan, topo_conv
+from leanconv.layers.geometry import ConvGeometry
+from leanconv.methods.topo.impl import TILED, TopoImpl, band_candidates, band_plan, topo_conv
+from leanconv.registry import hook, register_layer
 
 # Paper Table 4: (channels, grid rank) -> (grid dims, neighbourhood). 2-D keeps 1/4 of the
 # connections, 3-D 15/64.
@@ -109,6 +112,7 @@ class Topology:
         return cls(tuple(d["in_dims"]), tuple(d["out_dims"]), tuple(d["nbhd"]))
 
 
+@register_layer
 class TopoConv2d(nn.Module):
     """A k x k convolution in which each output channel sees only its topological neighbourhood.
 
@@ -218,8 +222,6 @@ class TopoConv2d(nn.Module):
 
         Exact when the neighbourhood is the whole grid.
         """
-        from leanconv.layers.geometry import ConvGeometry
-
         g = ConvGeometry.of(conv)
         if g.groups != 1:
             raise ConfigError(f"TopoConv2d.from_conv needs groups=1, got groups={g.groups}")
@@ -257,3 +259,26 @@ class TopoConv2d(nn.Module):
         impl = self.impl.value + (f"(tile={self.plan.tile})" if self.plan else "")
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"grid={t.in_dims}->{t.out_dims}, nbhd={t.nbhd}, density={t.density:.3f}, impl={impl}")
+
+
+@hook(TopoConv2d, "start")
+def start_topo(layer: TopoConv2d, target: Tensor | None) -> None:
+    """The kept connections of the dense kernel ``target``; zero for None."""
+    if target is None:
+        layer.weight.zero_()
+    else:
+        layer.load_dense(target)
+
+
+@hook(TopoConv2d, "macs")
+def topo_macs(module: TopoConv2d, inp: Tensor, out: Tensor) -> int:
+    """Multiply-adds of one call over the real connections only, per image."""
+    batch = inp.shape[0] if inp.dim() == 4 else 1
+    kh, kw = module.kernel_size
+    return out.numel() // batch * module.topology.connections * kh * kw
+
+
+@hook(TopoConv2d, "datafree_assign")
+def assign_topo(layer: TopoConv2d, target: Tensor):
+    """Grid assignment keeping the most of the kernel's energy."""
+    return assign_layer(layer, target.pow(2).sum((2, 3)), target)

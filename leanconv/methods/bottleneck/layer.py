@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 from leanconv.errors import ConfigError
 from leanconv.layers import functional as LF
-from leanconv.layers.projection import load_projection, make_projection, projection_topology
-from leanconv.layers.topology import Topology
+from leanconv.methods.topo.projection import load_projection, make_projection, projection_topology
+from leanconv.methods.topo.layer import Topology
+from leanconv.methods.topo.projection import ProjectionFitHooks, assign_projection
+from leanconv.registry import hook, register_layer
 
 
 def bottleneck_pad(x: Tensor, k: int, offset: int) -> Tensor:
@@ -29,6 +31,7 @@ torch.fx.wrap("bottleneck_pad")
 torch.fx.wrap("crop_like")
 
 
+@register_layer
 class SpatialBottleneck(nn.Module):
     """Reduce resolution k-fold per axis, project channels there, expand back.
 
@@ -95,3 +98,57 @@ class SpatialBottleneck(nn.Module):
     def from_config(cls, cfg: dict) -> "SpatialBottleneck":
         topo = Topology.from_dict(cfg["topology"]) if cfg["topology"] else None
         return cls(cfg["in_channels"], cfg["out_channels"], cfg["k"], cfg["offset"], topo, cfg["bias"])
+
+
+@hook(SpatialBottleneck, "start")
+def start_bottleneck(layer: SpatialBottleneck, target: Tensor | None) -> None:
+    """Smooth start projecting with the kernel's spatial sum (zero for None)."""
+    layer.init_smooth(None if target is None else target.sum(dim=(2, 3)))
+
+
+@hook(SpatialBottleneck, "datafree_assign")
+def assign_bottleneck(layer: SpatialBottleneck, target: Tensor):
+    return assign_projection(layer, target.sum(dim=(2, 3)))
+
+
+hook(SpatialBottleneck, "nonlinear", True)  # the cell-wise down/up is refined by gradient after its fit
+
+
+class BottleneckFitHooks(ProjectionFitHooks):
+    """The projection runs on the reduced grid: features are the down conv's outputs, the target is
+    the reduced-grid value that ``up`` spreads best onto the layer's target, and the intercept is
+    the layer's own bias (``up`` spreads it as one constant per channel)."""
+
+    def features(self, layer: SpatialBottleneck, x: Tensor) -> Tensor:
+        return layer.down(bottleneck_pad(x, layer.k, layer.offset))  # (N, in, h, w) reduced grid
+
+    def bias(self, layer: SpatialBottleneck) -> Tensor | None:
+        return layer.bias
+
+    def start_bias(self, layer: SpatialBottleneck) -> Tensor | None:
+        return layer.bias
+
+    def target(self, layer: SpatialBottleneck, t: Tensor, bias0: Tensor | None) -> Tensor:
+        return reduced_target(layer, t - (bias0.view(1, -1, 1, 1) if bias0 is not None else 0))
+
+    def new_bias(self, layer: SpatialBottleneck, bias0: Tensor | None, solved: Tensor) -> Tensor:
+        # the reduced-grid intercept, spread by `up`, as one constant per channel
+        return bias0.double() + solved * layer.up.weight.double().mean((1, 2, 3))
+
+
+hook(SpatialBottleneck, "fit", BottleneckFitHooks())
+
+
+def reduced_target(layer: SpatialBottleneck, t: Tensor) -> Tensor:
+    """The reduced-grid target: the output the transposed conv spreads best onto ``t``.
+
+    ``up`` maps a reduced value z to ``u[a, b] * z`` on its k x k cell, so the squared error of
+    a cell is ``|u|² (z - Σ u t / |u|²)²`` + const: a least-squares problem on the cell means
+    ``Σ u t / Σ u²`` (over the pixels that exist, for the cropped border cells).
+    """
+    k, off, co = layer.k, layer.offset, layer.out_channels
+    u = layer.up.weight  # (co, 1, k, k)
+    num = F.conv2d(bottleneck_pad(t, k, off), u, stride=k, groups=co)  # (N, co, h, w)
+    ones = bottleneck_pad(torch.ones_like(t[:1, :1]), k, off).expand(1, co, -1, -1)
+    den = F.conv2d(ones, u * u, stride=k, groups=co)  # (1, co, h, w)
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))

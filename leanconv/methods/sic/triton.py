@@ -17,11 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from leanconv.kernels.fused import FusedOp, fused_alternative
-from leanconv.kernels.triton.projection import (finish, launch, nhwc_io, out_channels, pack_projection,
+from leanconv.methods.topo.triton_projection import (finish, launch, nhwc_io, out_channels, pack_projection,
                                                 project_tile)
 from leanconv.kernels.triton_util import autotuned, channels_last_empty, custom_op, dot_precision, sparse_tiles
 from leanconv.layers.functional import conv_output_size
-from leanconv.optimize.ops import ConvOp, SplitOp, TopoOp
+from leanconv.methods.split import SplitOp
+from leanconv.methods.topo.op import TopoOp
+from leanconv.optimize.ops import ConvOp
 
 
 # shapes and flags that vary from layer to layer are not specialized on (each variant is a compile)

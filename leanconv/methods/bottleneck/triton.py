@@ -17,11 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from leanconv.kernels.fused import FusedOp, fused_alternative
-from leanconv.kernels.triton.projection import (finish, launch, nhwc_io, out_channels, pack_projection,
+from leanconv.methods.topo.triton_projection import (finish, launch, nhwc_io, out_channels, pack_projection,
                                                 project_tile)
 from leanconv.kernels.triton_util import autotuned, channels_last_empty, custom_op, dot_precision, sparse_tiles
 from leanconv.layers.functional import bottleneck_padding
-from leanconv.optimize.ops import BottleneckOp, ConvOp, TopoOp
+from leanconv.methods.bottleneck.op import BottleneckOp
+from leanconv.methods.topo.op import TopoOp
+from leanconv.optimize.ops import ConvOp
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "RH", "RW", "offset", "has_res", "relu"])

@@ -17,8 +17,11 @@ import triton.language as tl
 from torch import Tensor
 
 from leanconv.errors import ConfigError
-from leanconv.kernels.triton import INTERPRETED
-from leanconv.optimize.ops import ConvOp, InferenceOp, TopoOp
+from leanconv.kernels.triton_util import kernels_interpreted
+from leanconv.methods.topo.op import TopoOp
+from leanconv.optimize.ops import ConvOp, InferenceOp
+
+INTERPRETED = kernels_interpreted()  # defined under Triton's interpreter (TRITON_INTERPRET=1 at first import)
 
 # Triton 3.8's interpreter multiplies bfloat16 dot operands wrongly (errors of 1e9 relative; float16
 # and float32 are right): there the operands are widened to float32 first, exactly, after the same
