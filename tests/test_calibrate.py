@@ -534,3 +534,12 @@ def test_cli_bad_data_spec_fails_before_converting(tmp_path, capsys):
     assert rc == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_estimated_time_is_printed_before_the_long_steps(capsys):
+    model = tiny_model()
+    converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 12, 12))
+    leanconv.calibrate(model, converted, images(64), CalibrationConfig(images=32, holdout=16, steps=5))
+    err = capsys.readouterr().err
+    assert "calibrate: 24 images fitted, 8 for validation, 2 layers; estimated" in err
+    assert "at most" in err and "5 Adam steps x 2 layers" in err
