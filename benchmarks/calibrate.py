@@ -1,8 +1,8 @@
 """Calibration benchmark: held-out error before/after, time and peak memory, on trained networks.
 
 1. ``trained``: networks bigger than the demo's, trained briefly here on Fashion-MNIST at 56x56
-   (a VGG-style net and torchvision's ResNet-18 with a 1-channel stem; weights cached in
-   ~/.cache/leanconv/bench). Per recipe and number of calibration images: the relative error of
+   (a VGG-style net, 116 M MACs, and torchvision's ResNet-18 with a 1-channel stem, whose last
+   stage sees 2x2 maps; 150 Adam steps of 64 images, weights cached in ~/.cache/leanconv/bench). Per recipe and number of calibration images: the relative error of
    the logits on held-out test images for the data-free start, ``leanconv.calibrate`` with its
    defaults, and a baseline: a plain cascaded ridge refit of the projections (written out in this
    file for unraveled layers; for the other recipes leanconv's closed form with one fixed ridge,
@@ -59,8 +59,7 @@ def resnet18_gray() -> nn.Module:
     import torchvision
 
     m = torchvision.models.resnet18(weights=None, num_classes=10)
-    m.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)  # 56x56 inputs: no stride-2 stem, no max pool
-    m.maxpool = nn.Identity()
+    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one input channel; 56x56 -> 14x14 .. 2x2 maps
     return m
 
 
@@ -77,7 +76,7 @@ def fmnist(train: bool, n: int, size: int, seed: int, channels: int = 1) -> tupl
     return x.expand(-1, channels, -1, -1).contiguous(), ds.labels[idx]
 
 
-def trained(name: str, steps: int = 300, batch: int = 64) -> nn.Module:
+def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
     """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56; cached."""
     path = CACHE / f"{name}_s{steps}_b{batch}.pt"
     model = NETWORKS[name]()
@@ -168,6 +167,12 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads), user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def worker(spec: dict) -> dict:
     import leanconv
     from leanconv.calibrate import CalibrationConfig
@@ -183,6 +188,7 @@ def worker(spec: dict) -> dict:
     converted, plan = leanconv.convert(model, spec["recipe"], torch.randn(1, calib.shape[1], size, size))
     start = logits_error(model, converted, held)
     rss0 = peak_rss_gib()
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     if spec["how"] == "default":
         cfg = CalibrationConfig(images=spec["images"], holdout=min(len(held), 256))
@@ -199,6 +205,7 @@ def worker(spec: dict) -> dict:
         leanconv.calibrate(model, converted, calib, cfg, progress=False)
         extra = {"baseline": "closed form, one ridge, no validation"}
     seconds = time.perf_counter() - t0
+    extra["cpu_seconds"] = cpu_seconds() - cpu0
     return {"before": start, "after": logits_error(model, converted, held), "seconds": seconds,
             "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss0, "layers": len(plan.converted), **extra}
 
@@ -240,16 +247,16 @@ def table(rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def part_trained(threads: int, recipes: list[str], counts: list[int], holdout: int) -> dict:
+def part_trained(threads: int, nets: list[str], recipes: list[str], counts: list[int], holdout: int) -> dict:
     print(f"\n## Trained networks at 56x56, {holdout} held-out test images, {threads} thread(s)\n")
-    for net in NETWORKS:
+    for net in nets:
         model = trained(net)
         x, y = fmnist(False, 2000, 56, seed=2)
         print(f"{net}: test accuracy {100 * accuracy(model, x, y):.2f}% (2000 test images)")
     rows = [("network", "recipe", "images", "data-free", "default", "baseline", "time default", "time baseline",
              "peak RSS default", "returned", "undone")]
     results = {}
-    for net in NETWORKS:
+    for net in nets:
         for recipe in recipes:
             for n in counts:
                 spec = {"net": net, "recipe": recipe, "images": n, "holdout": holdout, "threads": threads}
@@ -267,7 +274,8 @@ def part_trained(threads: int, recipes: list[str], counts: list[int], holdout: i
 
 def part_resnet50(threads: int, recipes: list[str], images: int) -> dict:
     print(f"\n## ResNet-50, 224x224, {images} calibration images, defaults, {threads} thread(s)\n")
-    rows = [("recipe", "wall time", "stages", "peak RSS", "activations", "layers", "logits error", "returned")]
+    rows = [("recipe", "wall time", "CPU time", "stages", "peak RSS", "activations", "layers", "logits error",
+             "returned")]
     results = {}
     for recipe in recipes:
         r = spawn({"net": "resnet50", "recipe": recipe, "images": images, "holdout": 64, "threads": threads,
@@ -275,7 +283,8 @@ def part_resnet50(threads: int, recipes: list[str], images: int) -> dict:
         results[recipe] = r
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in r["stages"].items() if v >= 0.5)
         c = r["cascade"] or {}
-        rows.append((recipe, f"{r['seconds']:.0f}s", stages, f"{r['peak_rss_gib']:.2f} GiB",
+        rows.append((recipe, f"{r['seconds']:.0f}s", f"{r.get('cpu_seconds', 0):.0f}s", stages,
+                     f"{r['peak_rss_gib']:.2f} GiB",
                      f"{c.get('memory_gib', 0):.2f} GiB in memory, {c.get('disk_gib', 0):.2f} GiB to disk",
                      r["layers"], f"{r['before']:.3f} -> {r['after']:.3f}", r["returned"]))
         print(table(rows[:1] + rows[-1:]).splitlines()[-1], flush=True)
@@ -291,6 +300,7 @@ def main() -> None:
     p.add_argument("--recipes", default=None, help="default: unravel-b4,sic-m2,sic-topo2d,sic-bottleneck "
                                                    "(trained), sic-m2,unravel-b4 (resnet50)")
     p.add_argument("--images", default="64,256", help="calibration images (trained networks)")
+    p.add_argument("--nets", default=",".join(NETWORKS), help="trained networks")
     p.add_argument("--r50-images", type=int, default=256)
     p.add_argument("--holdout", type=int, default=1000)
     p.add_argument("--json", help="write all results here")
@@ -304,7 +314,7 @@ def main() -> None:
     results = {}
     if "trained" in parts:
         recipes = (args.recipes or "unravel-b4,sic-m2,sic-topo2d,sic-bottleneck").split(",")
-        results["trained"] = part_trained(args.threads, recipes, [int(n) for n in args.images.split(",")],
+        results["trained"] = part_trained(args.threads, args.nets.split(","), recipes, [int(n) for n in args.images.split(",")],
                                           args.holdout)
     if "resnet50" in parts:
         results["resnet50"] = part_resnet50(args.threads, (args.recipes or "sic-m2,unravel-b4").split(","),
