@@ -1,19 +1,20 @@
-"""Calibration benchmark: what distillation from the original buys, and what it costs.
+"""Calibration benchmark: held-out error before/after, time and peak memory, on trained networks.
 
-1. A trained Fashion-MNIST SmallResNet (trained once here, weights cached in ~/.cache/leanconv),
-   per recipe: per-layer relative output error, data-free vs calibrated; top-1 agreement, KL and
-   accuracy of the data-free and the calibrated network (both closed-form schedules, and AUTO with
-   gradient refinement).
-2. Topological grid assignment against the identity order on that network.
-3. Closed-form calibration memory as the number of calibration images grows (peak RSS, one
-   subprocess per run): ResNet-18 at 112x112, random weights and images.
-4. ResNet-50 at 224x224, random weights and images, 256 calibration images, closed form,
-   cascaded: wall time per stage and peak RSS (one subprocess per run).
+1. ``trained``: networks bigger than the demo's, trained briefly here on Fashion-MNIST at 56x56
+   (a VGG-style net, 116 M MACs, and torchvision's ResNet-18 with a 1-channel stem, whose last
+   stage sees 2x2 maps; 150 Adam steps of 64 images, weights cached in ~/.cache/leanconv/bench). Per recipe and number of calibration images: the relative error of
+   the logits on held-out test images for the data-free start, ``leanconv.calibrate`` with its
+   defaults, and a baseline: a plain cascaded ridge refit of the projections (written out in this
+   file for unraveled layers; for the other recipes leanconv's closed form with one fixed ridge,
+   no validation and no gradient refinement). One subprocess per run (peak RSS is per process).
+2. ``resnet50``: torchvision ResNet-50 (weights=None; its BatchNorm statistics estimated from
+   images so that activations have real scales), 224x224, Fashion-MNIST images (3 channels),
+   ``leanconv.calibrate`` defaults: wall time per stage and peak RSS.
 
-    python benchmarks/calibrate.py [--parts 1,2,3,4] [--threads 1] [--recipes unravel-b4,sic-m2]
+    python benchmarks/calibrate.py --parts trained --threads 2
+    python benchmarks/calibrate.py --parts resnet50 --threads 2 --recipes sic-m2
 
-Relative errors are ||y - y_orig|| / ||y_orig|| on held-out images, each layer measured inside its
-network. The machine this runs on may be shared: compare timings only within one run.
+The machine this runs on may be shared: compare timings only within one run, and say the load.
 """
 from __future__ import annotations
 
@@ -28,33 +29,65 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-import leanconv
-from leanconv.calibrate import CalibrationConfig
-from leanconv.data import fashion_mnist
-from leanconv.demo.teacher import fmnist_resnet
+from torch import nn
 
 CACHE = Path(os.environ.get("LEANCONV_CACHE", Path.home() / ".cache" / "leanconv")) / "bench"
-RECIPES = ("unravel-b4", "sic-m2", "sic-topo2d", "sic-bottleneck")
 
 
-# --------------------------------------------------------------------------- the trained network
+# --------------------------------------------------------------------------- networks and data
 
 
-def trained_fmnist_resnet(steps: int = 600, batch: int = 128, lr: float = 3e-3, seed: int = 0):
-    """fmnist_resnet (width 32) trained with Adam + one-cycle on Fashion-MNIST; cached."""
-    path = CACHE / f"fmnist_resnet32_s{steps}_b{batch}_seed{seed}.pt"
-    model = fmnist_resnet()
+class VGG(nn.Module):
+    """VGG-style for 56x56 inputs: three stages of two conv-BN-ReLU, max pooling, global pool, classifier."""
+
+    def __init__(self, widths=(32, 64, 128)) -> None:
+        super().__init__()
+        layers, cin = [], 1
+        for w in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+                cin = w
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def resnet18_gray() -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.resnet18(weights=None, num_classes=10)
+    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # one input channel; 56x56 -> 14x14 .. 2x2 maps
+    return m
+
+
+NETWORKS = {"vgg56": VGG, "resnet18-56": resnet18_gray}
+
+
+def fmnist(train: bool, n: int, size: int, seed: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    from leanconv.data import fashion_mnist
+
+    ds = fashion_mnist(train=train)
+    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
+    x = ((ds.images[idx].float() / 255 - ds.mean) / ds.std)[:, None]  # (n, 1, 28, 28)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, channels, -1, -1).contiguous(), ds.labels[idx]
+
+
+def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
+    """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56; cached."""
+    path = CACHE / f"{name}_s{steps}_b{batch}.pt"
+    model = NETWORKS[name]()
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(seed)
-    ds = fashion_mnist(train=True)
-    x = ((ds.images.float() / 255 - ds.mean) / ds.std)[:, None]  # (60000, 1, 28, 28)
-    y = ds.labels
-    opt = torch.optim.Adam(model.parameters(), lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(0)
+    x, y = fmnist(True, 20000, 56, seed=0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(0)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
@@ -64,19 +97,146 @@ def trained_fmnist_resnet(steps: int = 600, batch: int = 128, lr: float = 3e-3, 
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0:
-            print(f"  train step {step}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if step % 50 == 0:
+            print(f"  {name}: train step {step}/{steps}, loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
+                  file=sys.stderr, flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
 
 
-def test_accuracy(model, n: int = 10000) -> float:
-    te = fashion_mnist(train=False)
-    x = ((te.images[:n].float() / 255 - te.mean) / te.std)[:, None]
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, n, 500)])
-    return float((pred == te.labels[:n]).float().mean())
+        return float(torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)]).eq(y).float().mean())
+
+
+@torch.no_grad()
+def logits_error(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> float:
+    err = ref = 0.0
+    for i in range(0, len(x), 100):
+        a, b = converted(x[i:i + 100]).double(), original(x[i:i + 100]).double()
+        err += float((a - b).pow(2).sum())
+        ref += float(b.pow(2).sum())
+    return (err / ref) ** 0.5
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+@torch.no_grad()
+def plain_cascade(model: nn.Module, converted: nn.Module, x: torch.Tensor, ridge: float = 1e-3) -> None:
+    """A plain cascaded ridge refit of each unraveled layer's projection, layer after layer: run the
+    converted network (earlier layers already refit) to the layer's input, then solve
+    ``min ||Y - W G - b||² + λ ||W - W0||²`` (G: depthwise outputs, Y: the original conv's output)."""
+    from leanconv.methods import UnraveledConv
+
+    for name, block in list(converted.named_modules()):
+        if not isinstance(block, UnraveledConv):
+            continue
+        gs, ys = [], []
+        for i in range(0, len(x), 32):
+            seen = {}
+            h1 = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+            h2 = model.get_submodule(name).register_forward_hook(lambda m, a, o: seen.__setitem__("y", o))
+            converted(x[i:i + 32])
+            model(x[i:i + 32])
+            h1.remove()
+            h2.remove()
+            gs.append(block.depthwise(seen["x"]).permute(0, 2, 3, 1).reshape(-1, block.project.in_channels))
+            ys.append(seen["y"].permute(0, 2, 3, 1).reshape(-1, block.out_channels))
+        g, y = torch.cat(gs).double(), torch.cat(ys).double()
+        bias = block.project.bias is not None
+        if bias:
+            g = torch.cat([g, torch.ones(len(g), 1, dtype=g.dtype)], 1)
+        w0 = block.project.weight.reshape(block.out_channels, -1).double()
+        if bias:
+            w0 = torch.cat([w0, block.project.bias.double()[:, None]], 1)
+        gram = g.T @ g
+        lam = ridge * float(torch.diagonal(gram).mean())
+        w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), g.T @ y + lam * w0.T).T
+        if bias:
+            block.project.bias.copy_(w[:, -1])
+            w = w[:, :-1]
+        block.project.weight.copy_(w.reshape(block.project.weight.shape))
+
+
+# --------------------------------------------------------------------------- one run per process
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads), user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def worker(spec: dict) -> dict:
+    import leanconv
+    from leanconv.calibrate import CalibrationConfig
+
+    torch.set_num_threads(spec["threads"])
+    if spec["net"] == "resnet50":
+        model, calib, held = resnet50_with_statistics(spec["images"], spec["holdout"])
+    else:
+        model = trained(spec["net"])
+        calib = fmnist(True, spec["images"], 56, seed=1)[0]
+        held = fmnist(False, spec["holdout"], 56, seed=2)[0]
+    size = calib.shape[-1]
+    converted, plan = leanconv.convert(model, spec["recipe"], torch.randn(1, calib.shape[1], size, size))
+    start = logits_error(model, converted, held)
+    rss0 = peak_rss_gib()
+    cpu0 = cpu_seconds()
+    t0 = time.perf_counter()
+    if spec["how"] == "default":
+        cfg = CalibrationConfig(images=spec["images"], holdout=min(len(held), 256))
+        rep = leanconv.calibrate(model, converted, calib, cfg, holdout=held, progress=spec.get("progress", False))
+        extra = {"stages": rep.stages, "returned": rep.returned, "cascade": rep.cascade,
+                 "val": (rep.val_before, rep.val_after), "undone": sum("rejected" in s for l in rep.layers
+                                                                       for s in l.solvers)}
+    elif spec["recipe"] == "unravel-b4":
+        plain_cascade(model, converted, calib)
+        extra = {"baseline": "plain cascaded ridge (this file)"}
+    else:
+        cfg = CalibrationConfig(images=spec["images"], holdout=0, solver="closed_form", ridge_search=1,
+                                validation=0, recalibrate_bn=False)
+        leanconv.calibrate(model, converted, calib, cfg, progress=False)
+        extra = {"baseline": "closed form, one ridge, no validation"}
+    seconds = time.perf_counter() - t0
+    extra["cpu_seconds"] = cpu_seconds() - cpu0
+    return {"before": start, "after": logits_error(model, converted, held), "seconds": seconds,
+            "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss0, "layers": len(plan.converted), **extra}
+
+
+def resnet50_with_statistics(images: int, holdout: int):
+    """ResNet-50 without weights, its BatchNorm statistics estimated on 64 images (momentum None:
+    a plain average), so that every layer sees activations of a trained network's scale."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    x = fmnist(True, images + 64, 224, seed=3, channels=3)[0]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, 64, 16):
+            model(x[images + i:images + i + 16])
+    held = fmnist(False, holdout, 224, seed=4, channels=3)[0]
+    return model.eval(), x[:images], held
+
+
+def spawn(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
+                         stderr=None if spec.get("progress") else subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if out.returncode:
+        raise RuntimeError(f"worker failed: {(out.stderr or '')[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[tuple]) -> str:
@@ -87,141 +247,46 @@ def table(rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def part1(recipes, holdout: int) -> dict:
-    print("\n## 1. Trained Fashion-MNIST ResNet (fmnist_resnet, width 32)\n")
-    model = trained_fmnist_resnet()
-    print(f"original test accuracy (10k images): {pct(test_accuracy(model))}")
-    train, test = fashion_mnist(train=True), fashion_mnist(train=False)
-    runs = [("closed form, layer-wise", dict(solver="closed_form", schedule="layerwise")),
-            ("closed form, streamed", dict(solver="closed_form", schedule="streamed")),
-            ("auto (closed form + Adam)", dict())]
-    summary, results = [("recipe", "calibration", "agreement", "KL", "accuracy", "time")], {}
-    for recipe in recipes:
-        layer_rows = None
-        for label, kw in runs:
-            converted, plan = leanconv.convert(model, recipe, torch.randn(1, 1, 28, 28))
-            cfg = CalibrationConfig(images=256, holdout=holdout, **kw)
-            rep = leanconv.calibrate(model, converted, train, cfg, holdout=test, progress=False)
-            results[f"{recipe} / {label}"] = rep.to_dict()
-            if layer_rows is None:
-                summary.append((recipe, f"data-free (MACs x{plan.mac_ratio:.3f})", pct(rep.before.agreement),
-                                f"{rep.before.kl:.4f}", pct(rep.before.accuracy), "-"))
-                layer_rows = [("layer", "data-free")] + [(l.name, f"{l.error_before:.4f}") for l in rep.layers]
-            layer_rows[0] += (label,)
-            for i, l in enumerate(rep.layers):
-                layer_rows[i + 1] += (f"{l.error_after:.4f}",)
-            summary.append((recipe, label, pct(rep.after.agreement), f"{rep.after.kl:.4f}", pct(rep.after.accuracy),
-                            f"{rep.seconds:.1f}s"))
-        print(f"### {recipe}: per-layer relative output error on {holdout} held-out images\n")
-        print(table(layer_rows) + "\n")
-    print(f"### end to end on {holdout} held-out test images (original accuracy on them: "
-          f"{pct(rep.before.accuracy_original)}; 256 calibration images from the training split)\n")
-    print(table(summary))
-    return results
-
-
-def part2(holdout: int) -> dict:
-    print("\n## 2. Topological grid assignment vs identity order (same trained network)\n")
-    model = trained_fmnist_resnet()
-    train, test = fashion_mnist(train=True), fashion_mnist(train=False)
-    rows = [("recipe", "calibration", "assignment", "kept importance (mean)", "mean layer error", "agreement", "KL")]
+def part_trained(threads: int, nets: list[str], recipes: list[str], counts: list[int], holdout: int) -> dict:
+    print(f"\n## Trained networks at 56x56, {holdout} held-out test images, {threads} thread(s)\n")
+    for net in nets:
+        model = trained(net)
+        x, y = fmnist(False, 2000, 56, seed=2)
+        print(f"{net}: test accuracy {100 * accuracy(model, x, y):.2f}% (2000 test images)")
+    rows = [("network", "recipe", "images", "data-free", "default", "baseline", "time default", "time baseline",
+             "peak RSS default", "returned", "undone")]
     results = {}
-    for recipe, kw in (("sic-topo2d", dict(solver="closed_form")), ("sic-topo2d", dict()),
-                       ("topo2d", dict(solver="datafree")), ("topo2d", dict())):
-        for assign in (False, True):
-            converted, _ = leanconv.convert(model, recipe, torch.randn(1, 1, 28, 28))
-            rep = leanconv.calibrate(model, converted, train, CalibrationConfig(images=256, holdout=holdout,
-                                     assign=assign, **kw), holdout=test, progress=False)
-            kept = [l.kept for l in rep.layers if l.kept is not None]
-            kept_id = [l.kept_identity for l in rep.layers if l.kept_identity is not None]
-            k = f"{sum(kept) / len(kept):.3f} (identity {sum(kept_id) / len(kept_id):.3f})" if kept else "-"
-            err = sum(l.error_after for l in rep.layers) / len(rep.layers)
-            rows.append((recipe, kw.get("solver", "auto"), "chosen" if assign else "identity", k, f"{err:.4f}",
-                         pct(rep.after.agreement), f"{rep.after.kl:.4f}"))
-            results[f"{recipe}/{kw.get('solver', 'auto')}/assign={assign}"] = rep.to_dict()
-    print(table(rows))
-    return results
-
-
-# --------------------------------------------------------------------------- subprocess workers
-
-
-class RandomImages(torch.utils.data.Dataset):
-    """Seeded random images made on demand: the data itself holds no memory."""
-
-    def __init__(self, size: int, n: int = 1_000_000) -> None:
-        self.size, self.n = size, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(i))
-
-
-def worker(spec: dict) -> dict:
-    """One calibration run of a torchvision model with random weights on random images."""
-    import torchvision
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(spec["model"], weights=None).eval()
-    size = spec["size"]
-    converted, plan = leanconv.convert(model, spec["recipe"], torch.randn(1, 3, size, size))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    cfg = CalibrationConfig(images=spec["images"], holdout=spec["holdout"], batch_size=spec["batch"],
-                            solver="closed_form", mode="cascaded", schedule=spec.get("schedule", "auto"))
-    t0 = time.perf_counter()
-    rep = leanconv.calibrate(model, converted, RandomImages(size), cfg, progress=False)
-    return {"seconds": time.perf_counter() - t0, "stages": rep.stages, "peak_rss_gib":
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gib": base,
-            "layers": len(rep.layers), "kl_before": rep.before.kl, "kl_after": rep.after.kl,
-            "agreement_after": rep.after.agreement, "mean_error_before":
-            sum(l.error_before for l in rep.layers) / len(rep.layers),
-            "mean_error_after": sum(l.error_after for l in rep.layers) / len(rep.layers)}
-
-
-def spawn(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode:
-        raise RuntimeError(f"worker failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def part3(threads: int) -> dict:
-    print("\n## 3. Closed-form memory vs number of calibration images (ResNet-18, 112x112, random)\n")
-    rows = [("recipe", "images", "peak RSS", "RSS before calibrate", "calibrate time", "mean layer error")]
-    results = {}
-    for recipe in ("sic-m2", "unravel-b4"):
-        for n in (64, 128, 256, 512):
-            r = spawn({"model": "resnet18", "size": 112, "recipe": recipe, "images": n, "holdout": 32,
-                       "batch": 32, "threads": threads, "schedule": "streamed"})
-            results[f"{recipe}/{n}"] = r
-            rows.append((recipe, n, f"{r['peak_rss_gib']:.2f} GiB", f"{r['rss_before_gib']:.2f} GiB",
-                         f"{r['seconds']:.0f}s", f"{r['mean_error_before']:.3f} -> {r['mean_error_after']:.3f}"))
-            print(table(rows[:1] + rows[-1:]).splitlines()[-1], flush=True)
+    for net in nets:
+        for recipe in recipes:
+            for n in counts:
+                spec = {"net": net, "recipe": recipe, "images": n, "holdout": holdout, "threads": threads}
+                d = spawn({**spec, "how": "default"})
+                b = spawn({**spec, "how": "baseline"})
+                results[f"{net}/{recipe}/{n}"] = {"default": d, "baseline": b}
+                rows.append((net, recipe, n, f"{d['before']:.4f}", f"{d['after']:.4f}", f"{b['after']:.4f}",
+                             f"{d['seconds']:.1f}s", f"{b['seconds']:.1f}s", f"{d['peak_rss_gib']:.2f} GiB",
+                             d["returned"], d["undone"]))
+                print(table(rows[:1] + rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
     return results
 
 
-def part4(threads: int, recipes) -> dict:
-    print(f"\n## 4. ResNet-50 at 224x224, 256 random images, closed form, cascaded ({threads} thread(s))\n")
-    rows = [("recipe", "wall time", "stages", "peak RSS", "layers", "mean layer error", "KL")]
+def part_resnet50(threads: int, recipes: list[str], images: int) -> dict:
+    print(f"\n## ResNet-50, 224x224, {images} calibration images, defaults, {threads} thread(s)\n")
+    rows = [("recipe", "wall time", "CPU time", "stages", "peak RSS", "activations", "layers", "logits error",
+             "returned")]
     results = {}
     for recipe in recipes:
-        r = spawn({"model": "resnet50", "size": 224, "recipe": recipe, "images": 256, "holdout": 64, "batch": 32,
-                   "threads": threads})
+        r = spawn({"net": "resnet50", "recipe": recipe, "images": images, "holdout": 64, "threads": threads,
+                   "how": "default", "progress": True})
         results[recipe] = r
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in r["stages"].items() if v >= 0.5)
-        rows.append((recipe, f"{r['seconds']:.0f}s", stages, f"{r['peak_rss_gib']:.2f} GiB", r["layers"],
-                     f"{r['mean_error_before']:.3f} -> {r['mean_error_after']:.3f}",
-                     f"{r['kl_before']:.3f} -> {r['kl_after']:.4f}"))
+        c = r["cascade"] or {}
+        rows.append((recipe, f"{r['seconds']:.0f}s", f"{r.get('cpu_seconds', 0):.0f}s", stages,
+                     f"{r['peak_rss_gib']:.2f} GiB",
+                     f"{c.get('memory_gib', 0):.2f} GiB in memory, {c.get('disk_gib', 0):.2f} GiB to disk",
+                     r["layers"], f"{r['before']:.3f} -> {r['after']:.3f}", r["returned"]))
         print(table(rows[:1] + rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
@@ -230,29 +295,31 @@ def part4(threads: int, recipes) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="1,2,3,4")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="recipes of part 1")
-    p.add_argument("--r50-recipes", default="sic-m2,unravel-b4", help="recipes of part 4")
-    p.add_argument("--holdout", type=int, default=2000, help="held-out test images of parts 1 and 2")
+    p.add_argument("--parts", default="trained,resnet50")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recipes", default=None, help="default: unravel-b4,sic-m2,sic-topo2d,sic-bottleneck "
+                                                   "(trained), sic-m2,unravel-b4 (resnet50)")
+    p.add_argument("--images", default="64,256", help="calibration images (trained networks)")
+    p.add_argument("--nets", default=",".join(NETWORKS), help="trained networks")
+    p.add_argument("--r50-images", type=int, default=256)
+    p.add_argument("--holdout", type=int, default=1000)
     p.add_argument("--json", help="write all results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    torch.set_num_threads(args.threads)
-    parts = {int(x) for x in args.parts.split(",")}
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs; 1 MAC = 2 FLOPs")
+    parts = args.parts.split(",")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, load {os.getloadavg()}")
     results = {}
-    if 1 in parts:
-        results["trained"] = part1(args.recipes.split(","), args.holdout)
-    if 2 in parts:
-        results["assignment"] = part2(args.holdout)
-    if 3 in parts:
-        results["memory"] = part3(args.threads)
-    if 4 in parts:
-        results["resnet50"] = part4(args.threads, args.r50_recipes.split(","))
+    if "trained" in parts:
+        recipes = (args.recipes or "unravel-b4,sic-m2,sic-topo2d,sic-bottleneck").split(",")
+        results["trained"] = part_trained(args.threads, args.nets.split(","), recipes, [int(n) for n in args.images.split(",")],
+                                          args.holdout)
+    if "resnet50" in parts:
+        results["resnet50"] = part_resnet50(args.threads, (args.recipes or "sic-m2,unravel-b4").split(","),
+                                            args.r50_images)
+    print(f"\nload after: {os.getloadavg()}")
     if args.json:
         from leanconv.serialize import write_json
 

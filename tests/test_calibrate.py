@@ -14,7 +14,7 @@ import leanconv
 import leanconv.data
 from leanconv.calibrate import CalibrationConfig, CalibrationReport
 from leanconv.calibrate.assign import choose_assignment, linear_assignment
-from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve, squared_error
+from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_grid, ridge_solve, squared_error
 from leanconv.methods import SICLayer, Topology, UnraveledConv
 from leanconv.methods.topo.projection import projection_matrix
 from leanconv.recipes import LayerSpec, Method, Recipe, Selection
@@ -258,7 +258,20 @@ def test_validation_error_from_statistics_matches_the_direct_error():
     merged = folds[0].merged(folds[1])
     a, b = merged.moments(True).gg, stats.moments(True).gg
     assert (a - b).abs().max() < 1e-5 * b.abs().max(), (a - b).abs().max()
-    assert choose_ridge(folds, [1e-6, 1e-3, 1.0, 1e3], torch.zeros(3, 5)) in (1e-6, 1e-3, 1.0, 1e3)
+    grid, prior = [1e-6, 1e-3, 1.0, 1e3], torch.zeros(3, 5)
+    lam, err = choose_ridge(folds[0], folds[1], grid, prior)
+    direct = {}
+    for r in grid:
+        sol = ridge_solve(folds[0], r, prior)
+        direct[r] = squared_error(folds[1], sol.weight, sol.bias)
+    assert lam == min(grid, key=direct.get) and err == pytest.approx(direct[lam])
+
+
+def test_ridge_grid_scales_with_features_per_sample():
+    assert ridge_grid(1e-3, 1, 512, 10) == [1e-3]
+    assert ridge_grid(1e-3, 3, 10, 100000) == pytest.approx([1e-3, 1e-2, 1e-1])
+    few = ridge_grid(1e-3, 3, 2048, 4608)  # unravel-b4 at 512 channels on 6x6 maps, 128 images
+    assert few[0] == 1e-3 and few[-1] >= 10 * 2048 / 4608 and len(few) > 3
 
 
 def test_masked_ridge_solves_each_row_on_its_connections():
@@ -278,19 +291,20 @@ def test_masked_ridge_solves_each_row_on_its_connections():
 
 
 def test_validated_ridge_guards_a_calibration_set_smaller_than_the_layer():
-    """8 images of 6x6: conv2's projection has 128 inputs and sees 72 samples. A fixed small ridge
-    overfits them (worse than the data-free start); the ridge chosen on even/odd images does not."""
+    """8 images of 6x6: conv2's projection has 128 inputs and sees 54 samples. A fixed small ridge
+    without validation overfits them (worse than the data-free start); with validation images, the
+    ridge is chosen on them and nothing gets worse."""
     model = tiny_model()
     cfg = dict(images=8, holdout=64, solver="closed_form", recalibrate_bn=False)
     errors = {}
-    for search in (1, 5):
+    for search, share in ((1, 0.0), (5, 0.25)):
         converted, _ = leanconv.convert(model, "unravel-b4", torch.randn(1, 3, 6, 6))
-        report = leanconv.calibrate(model, converted, images(80, size=6), CalibrationConfig(ridge_search=search, **cfg),
-                                    progress=False)
+        report = leanconv.calibrate(model, converted, images(80, size=6),
+                                    CalibrationConfig(ridge_search=search, validation=share, **cfg), progress=False)
         errors[search] = [(l.error_before, l.error_after) for l in report.layers]
     assert errors[1][1][1] > errors[1][1][0], errors  # the fixed ridge made conv2 worse
-    assert all(after < before for before, after in errors[5]), errors
-    assert report.layers[1].ridges[0] > 1e-3
+    assert all(after <= before for before, after in errors[5]), errors
+    assert report.val_images == 2 and report.fit_images == 6
 
 
 def test_ridge_keeps_an_exact_prior():
@@ -358,7 +372,7 @@ class FailingData:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("fail_on", [2, 4, 6])
+@pytest.mark.parametrize("fail_on", [1, 2, 3])
 def test_hooks_never_leak_and_the_model_is_restored_when_a_batch_raises(fail_on, schedule):
     model = tiny_model()
     converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 12, 12))
@@ -369,6 +383,31 @@ def test_hooks_never_leak_and_the_model_is_restored_when_a_batch_raises(fail_on,
         leanconv.calibrate(model, converted, data, cfg, progress=False)
     assert no_hooks(model, converted)
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in start.items())
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_model_restored_and_no_temp_files_when_a_solve_raises_midway(monkeypatch, tmp_path, fail_at, schedule):
+    from leanconv.calibrate import steps
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model = tiny_model()
+    converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 12, 12))
+    start = {k: v.clone() for k, v in converted.state_dict().items()}
+    calls, solve = [], steps.ProjectionFit.solve
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("solver on fire")
+        return solve(self, *a, **k)
+    monkeypatch.setattr(steps.ProjectionFit, "solve", failing)
+    cfg = CalibrationConfig(images=32, holdout=16, steps=5, schedule=schedule, memory=0)  # every batch on disk
+    with pytest.raises(RuntimeError, match="solver on fire"):
+        leanconv.calibrate(model, converted, images(64), cfg, progress=False)
+    assert no_hooks(model, converted)
+    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in start.items())
+    assert not list(tmp_path.iterdir())
 
 
 def test_hooks_removed_after_success_and_models_left_as_found():
@@ -467,7 +506,9 @@ def test_report_table_and_json_round_trip():
     assert "conv1" in text and "top-1 agreement" in text
     d = json.loads(json.dumps(report.to_dict()))
     assert CalibrationReport.from_dict(d) == report
-    assert set(d["stages"]) >= {"evaluate", "closed_form", "gradient", "batchnorm"}
+    assert set(d["stages"]) >= {"evaluate", "advance", "closed_form", "gradient"}
+    assert d["batchnorms"] == 2 and d["schedule"] == "layerwise" and d["cascade"]["runner"] == "graph"
+    assert "grid kept" in text and "done:" in text  # the legend
     assert all(l["kept"] is not None and l["kept"] >= l["kept_identity"] for l in d["layers"])
 
 
@@ -493,3 +534,12 @@ def test_cli_bad_data_spec_fails_before_converting(tmp_path, capsys):
     assert rc == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_estimated_time_is_printed_before_the_long_steps(capsys):
+    model = tiny_model()
+    converted, _ = leanconv.convert(model, "sic-m2", torch.randn(1, 3, 12, 12))
+    leanconv.calibrate(model, converted, images(64), CalibrationConfig(images=32, holdout=16, steps=5))
+    err = capsys.readouterr().err
+    assert "calibrate: 24 images fitted, 8 for validation, 2 layers; estimated" in err
+    assert "at most" in err and "5 Adam steps x 2 layers" in err

@@ -1,7 +1,10 @@
 """calibrate(original, converted, data, config): initialize converted layers by distillation (orchestration only)."""
 from __future__ import annotations
 
+import copy
+import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -9,9 +12,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from leanconv.calibrate.capture import StopForward, call_order, each_call, hooks, input_of, output_of, run
+from leanconv.calibrate.capture import StopForward, call_order, each_call, hooks, run
+from leanconv.calibrate.cascade import GraphBoundary, HookBoundary, ListBoundary
 from leanconv.calibrate.config import CalibrationConfig, Mode, Schedule, Solver
-from leanconv.calibrate.evaluate import fidelity
+from leanconv.calibrate.evaluate import fidelity, logits_of
 from leanconv.calibrate.bn import BatchNormMatcher, recalibrate_bn
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import RefineResult, Reservoir, refine
@@ -26,6 +30,12 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
     """Make each converted layer reproduce the original layer it replaces, on real images.
 
     Works in place on ``converted`` (the output of ``leanconv.convert``); ``original`` is only read.
+    The default schedule is the exact cascade: layer after layer, each fitted on the input the
+    converted network (its earlier layers already calibrated) gives it, against the original
+    layer's output. A share of the calibration images (``config.validation``) is never fitted:
+    a layer's refit or refinement is kept only if it lowers the error on them, and the whole
+    calibrated network is returned only if its last output is closer to the original's on them
+    than the data-free start's (else ``converted`` is left as it was; the report says which).
     On any error ``converted`` is restored to what it was, so a failed solve writes nothing.
 
     Args:
@@ -35,7 +45,7 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
         config: a ``CalibrationConfig`` (or its dict form); default settings when None.
         holdout: images for the fidelity figures (same forms as ``data``); by default the images of
             ``data`` after the calibration ones (a spec string's validation split).
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars and the estimated time before the long steps.
     Returns:
         A ``CalibrationReport`` (``print`` it; ``to_dict()`` for JSON).
     Raises:
@@ -56,7 +66,8 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
         try:
             with clock("data"):
                 images = stream.check()
-                first = next(iter(stream.calibration()))[0].to(device)
+                cal = CalibrationSet.split(stream.calibration(), cfg.validation, cfg.batch_size)
+            first = cal.batches[0][:1].to(device)
             order = call_order(converted, {n: blk for n, (_, blk) in pairs.items()}, first)
             pairs = {n: pairs[n] for n in order}
             t0 = time.perf_counter()
@@ -67,14 +78,25 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
                     split, eval_batches = "calibration", stream.calibration
                     before = fidelity(original, converted, pairs, eval_batches(), device)
             full_pass = (time.perf_counter() - t0) / max(before.images, 1) * images  # both networks
+            with clock("evaluate"):
+                reference = [_last(original(x.to(device))) for x in cal.val]
+                end_before = _end_error(converted, cal.val, reference, device)
             jobs = [_Job.plan(n, conv, blk, cfg) for n, (conv, blk) in pairs.items()]
-            schedule, bns = _solve(jobs, original, converted, stream, cfg, device, clock, progress, full_pass)
+            if progress:
+                _announce(jobs, cal, cfg, full_pass, first, converted)
+            schedule, bns, runner = _solve(jobs, original, converted, cal, cfg, device, clock, progress)
             before_bn = None
             if cfg.recalibrate_bn and bns is None:  # a BatchNorm pass of its own
                 with clock("evaluate"):
                     before_bn = fidelity(original, converted, pairs, eval_batches(), device, before.reference).end
                 with clock("batchnorm"):
-                    bns = recalibrate_bn(original, converted, stream.calibration(), device)
+                    bns = recalibrate_bn(original, converted, ((x, None) for x in cal.batches), device)
+            with clock("evaluate"):
+                end_after = _end_error(converted, cal.val, reference, device)
+            returned = "calibrated"
+            if end_before is not None and not end_after < end_before:
+                converted.load_state_dict(snapshot)  # calibration did not help on the validation images
+                returned = "data-free start"
             with clock("evaluate"):
                 after = fidelity(original, converted, pairs, eval_batches(), device)
         except BaseException:
@@ -82,48 +104,117 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
             raise
     layers = tuple(j.report(before.layers.get(j.name), after.layers.get(j.name)) for j in jobs)
     return CalibrationReport(cfg.to_dict(), str(device), images, before.images, split, layers, before.end,
-                             after.end, before_bn, len(bns or ()), dict(clock.stages), clock.total(), schedule)
+                             after.end, before_bn, len(bns or ()), dict(clock.stages), clock.total(), schedule,
+                             cal.fit_images, cal.val_images,
+                             end_before, end_after, returned, runner)
 
 
-def _solve(jobs: list["_Job"], original: nn.Module, converted: nn.Module, stream: ImageStream,
-           cfg: CalibrationConfig, device, clock: "_Clock", progress: bool,
-           full_pass: float) -> tuple[str | None, list[str] | None]:
+class CalibrationSet:
+    """The calibration images, split by whole images into fitted ones and validation ones."""
+
+    def __init__(self, batches: list[Tensor], val_flags: list[bool], fit_images: int, val_images: int) -> None:
+        self.batches, self.val_flags = batches, val_flags
+        self.fit_images, self.val_images = fit_images, val_images
+
+    @property
+    def fit(self) -> list[Tensor]:
+        return [x for x, v in zip(self.batches, self.val_flags) if not v]
+
+    @property
+    def val(self) -> list[Tensor]:
+        return [x for x, v in zip(self.batches, self.val_flags) if v]
+
+    @classmethod
+    def split(cls, batches, share: float, batch_size: int) -> "CalibrationSet":
+        """The last ``round(share x images)`` images (at least one when ``share > 0`` and there are two
+        or more images, always leaving one to fit) are validation images."""
+        x = torch.cat([b for b, _ in batches])  # (N, C, H, W)
+        n = len(x)
+        v = min(max(round(share * n), 1), n - 1) if share > 0 and n >= 2 else 0
+        out, flags = [], []
+        for lo, hi, flag in ((0, n - v, False), (n - v, n, True)):
+            for s in range(lo, hi, batch_size):
+                out.append(x[s:min(s + batch_size, hi)])
+                flags.append(flag)
+        return cls(out, flags, n - v, v)
+
+
+def _solve(jobs: list["_Job"], original: nn.Module, converted: nn.Module, cal: CalibrationSet,
+           cfg: CalibrationConfig, device, clock: "_Clock", progress: bool
+           ) -> tuple[str | None, list[str] | None, dict | None]:
     """Grid assignment, closed-form refits and gradient refinement of every job.
 
-    Returns the closed-form schedule that ran (None when none did) and, when the BatchNorms were
-    re-estimated along the way (in the streamed pass, when no gradient refinement follows it), their
-    names; None when they still need a pass of their own.
+    Returns the schedule that ran (None when nothing was fitted); when the BatchNorms were
+    re-estimated along the way, their names (None when they still need a pass of their own); and
+    how the cascade's activations were kept.
     """
     if cfg.assign:
         with clock("assign"):
             for job in jobs:
                 job.assign_datafree()
+    if not any(j.fit_steps or j.gradient for j in jobs):
+        return None, None, None
+    if cfg.schedule is Schedule.STREAMED:
+        return (Schedule.STREAMED.value,) + _streamed(jobs, original, converted, cal, cfg, device, clock, progress)
+    parallel = cfg.mode is Mode.PARALLEL
+    bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None
+    names = [j.name for j in jobs]
+    batches = [x.to(device) for x in cal.batches]
+    try:
+        runner = GraphBoundary(original, converted, batches, cal.val_flags, names, cfg.memory * 2 ** 30,
+                               parallel, bn)
+    except Exception as e:  # not traceable, or not runnable node by node: every batch from the image
+        warnings.warn(f"leanconv.calibrate: running the cascade with forward hooks ({e}); each layer's "
+                      f"inputs are recomputed from the images", stacklevel=3)
+        runner = HookBoundary(original, converted, batches, cal.val_flags, names,
+                              {j.name: (j.conv, j.block) for j in jobs}, parallel, bn)
+    try:
+        for k, job in enumerate(tqdm(jobs, desc="calibrate (exact cascade)", unit="layer", disable=not progress,
+                                     leave=False)):
+            with clock("advance"):
+                runner.reach(k)
+            job.calibrate(runner, clock)
+        with clock("advance"):
+            bns = runner.finish()
+    finally:
+        runner.close()
+    return Schedule.LAYERWISE.value, bns, runner.describe()
+
+
+def _streamed(jobs: list["_Job"], original: nn.Module, converted: nn.Module, cal: CalibrationSet,
+              cfg: CalibrationConfig, device, clock: "_Clock", progress: bool) -> tuple[list[str] | None, dict]:
+    """The opt-in approximate schedule: all closed-form refits in streamed passes, then gradient
+    refinement layer after layer (each block's pairs recomputed from the images)."""
     fitting = any(j.fit_steps for j in jobs)
-    layerwise = _layerwise(cfg, jobs, full_pass)
-    joint = cfg.recalibrate_bn and fitting and not layerwise and not any(j.gradient for j in jobs)
+    joint = cfg.recalibrate_bn and fitting and not any(j.gradient for j in jobs)
     matcher = BatchNormMatcher(original, converted) if joint else None
-    if fitting and layerwise:
-        with clock("closed_form"):
-            _layer_by_layer(jobs, original, converted, stream, cfg, device, progress)
-    elif fitting:
+    if fitting:
         with clock("closed_form+batchnorm" if joint else "closed_form"):
-            _closed_form(jobs, original, converted, stream, cfg, device, -(-stream.count // cfg.batch_size),
-                         progress, matcher)
-    with clock("gradient"):
-        _gradient(jobs, original, converted, stream, cfg, device, progress)
-    schedule = (Schedule.LAYERWISE if layerwise else Schedule.STREAMED).value if fitting else None
-    return schedule, matcher.apply() if joint else None
+            _closed_form(jobs, original, converted, cal, cfg, device, progress, matcher)
+    todo = [(k, j) for k, j in enumerate(jobs) if j.gradient]
+    if todo:
+        bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None  # its sums are not used
+        runner = HookBoundary(original, converted, [x.to(device) for x in cal.batches], cal.val_flags,
+                              [j.name for j in jobs], {j.name: (j.conv, j.block) for j in jobs},
+                              cfg.mode is Mode.PARALLEL, bn)
+        for k, j in tqdm(todo, desc=f"refine ({cfg.mode.value})", disable=not progress, leave=False):
+            runner.reach(k)
+            with clock("gradient"):
+                j.refine_on(runner)
+    return (matcher.apply() if joint else None), {"runner": "streamed"}
 
 
 def calibrate_block(name: str, conv: nn.Conv2d, block: nn.Module, pairs: list[tuple[Tensor, Tensor]],
                     config: CalibrationConfig | None = None) -> LayerReport:
     """Calibrate one replacement on captured ``(input, original output)`` batches, as ``calibrate`` does
     each layer: grid assignment, closed-form refits step after step (an exact cascade inside the
-    block, one pass over ``pairs`` per step), then gradient refinement of nonlinear blocks.
+    block, one pass over the pairs per step), then gradient refinement of nonlinear blocks; the
+    last ``config.validation`` share of the images is not fitted, and each result is kept only if
+    it lowers the error on them.
 
     Works in place on ``block``; ``conv`` is the original conv it replaces (read only).
     Returns:
-        The layer's ``LayerReport`` (solvers, fit errors, refinement; no held-out errors).
+        The layer's ``LayerReport`` (solvers, fit and validation errors, refinement; no held-out errors).
     Raises:
         NumericalError: a NaN or Inf in a solve (``block`` is then left as it was).
     """
@@ -136,27 +227,28 @@ def calibrate_block(name: str, conv: nn.Conv2d, block: nn.Module, pairs: list[tu
         with torch.no_grad():
             if cfg.assign:
                 job.assign_datafree()
-            if job.fit_steps:
-                job.start_fits()
-                every = job.fits
-                for fit in every:
-                    job.fits = [fit]
-                    for x, y in pairs:
-                        job.consume(x, y, solve=False)
-                    job.last_fit[fit.step.index] = job._solve(fit)
-                job.fits = every
-                job.finish_fits(first=True)
-            if job.gradient:
-                job.reservoir = Reservoir(cfg.max_pixels, cfg.seed)
-                for x, y in pairs:
-                    job.reservoir.add(x, y)
-        job.refine()
+            job.calibrate(ListBoundary(*_split_pairs(pairs, cfg.validation)), _Clock())
     except BaseException:
         block.load_state_dict(snapshot)
         raise
     finally:
         block.train(was)
     return job.report(None, None)
+
+
+def _split_pairs(pairs: list[tuple[Tensor, Tensor]], share: float) -> tuple[list, list]:
+    """(fit pairs, validation pairs): the last ``share`` of the images are validation images."""
+    n = sum(len(x) for x, _ in pairs)
+    v = min(max(round(share * n), 1), n - 1) if share > 0 and n >= 2 else 0
+    fit, val, seen = [], [], 0
+    for x, y in pairs:
+        cut = min(max(n - v - seen, 0), len(x))
+        if cut:
+            fit.append((x[:cut], y[:cut]))
+        if cut < len(x):
+            val.append((x[cut:], y[cut:]))
+        seen += len(x)
+    return fit, val
 
 
 def converted_pairs(original: nn.Module, converted: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
@@ -190,13 +282,14 @@ class _Job:
     fits: list[ProjectionFit] = field(default_factory=list)
     last_fit: dict[int, StepFit] = field(default_factory=dict)
     assigned: set[int] = field(default_factory=set)  # steps whose grid assignment was chosen
-    reservoir: Reservoir | None = None
     busy: bool = False                # inside our own work (step inputs re-enter the block)
     solvers: list[str] = field(default_factory=list)
     fit_errors: list[float] = field(default_factory=list)
     ridges: list[float] = field(default_factory=list)
     kept: list[tuple[float, float]] = field(default_factory=list)
     refined: RefineResult | None = None
+    val_start: float | None = None    # relative error on the validation images: data-free start
+    val_after: float | None = None    # ... and of what was kept
     seconds: float = 0.0
 
     @classmethod
@@ -216,28 +309,91 @@ class _Job:
                     self.kept.append((a.kept, a.kept_identity))
                     self.solvers.append("assign")
 
+    # ------------------------------------------------------------------ the exact cascade's work
+
+    def calibrate(self, source, clock: "_Clock") -> None:
+        """Closed-form refits step after step, then gradient refinement, on ``source``'s pairs of
+        this layer; each kept only if it lowers the error on the validation pairs."""
+        t0 = time.perf_counter()
+        with clock("closed_form"):
+            self.val_start = self.val_after = _val_error(self.block, source)
+            if self.fit_steps:
+                start, kept, solvers = _state(self.block), list(self.kept), list(self.solvers)
+                self.start_fits()
+                every = self.fits
+                for fit in every:
+                    self.fits = [fit]
+                    for x, y in source.pairs(val=False):
+                        self.consume(x, y, solve=False)
+                    for x, y in source.pairs(val=True):
+                        self.consume(x, y, solve=False, val=True)
+                    self.last_fit[fit.step.index] = self._solve(fit)
+                self.fits = every
+                self.finish_fits(first=True)
+                now = _val_error(self.block, source)
+                if self.val_after is not None and not now < self.val_after:
+                    self.block.load_state_dict(start)  # worse on images it was not fitted on: keep the start
+                    fitted = [s for s in self.solvers[len(solvers):] if s != "assign"]
+                    self.kept, self.solvers = kept, solvers + fitted + ["closed_form(rejected)"]
+                else:
+                    self.val_after = now
+        self.seconds += time.perf_counter() - t0
+        if self.gradient:
+            with clock("gradient"):
+                self.refine_on(source)
+
+    def refine_on(self, source) -> None:
+        """Gradient refinement on a sample of the fit pairs, early-stopped and kept on validation."""
+        t0 = time.perf_counter()
+        c = self.cfg
+        fit, val = Reservoir(c.max_pixels, c.seed), Reservoir(c.max_pixels, c.seed + 1)
+        for x, y in source.pairs(val=False):
+            fit.add(x, y)
+        for x, y in source.pairs(val=True):
+            val.add(x, y)
+        if fit.seen:
+            x, y = fit.pairs()
+            vx, vy = val.pairs() if val.seen else (x[:0], y[:0])
+            start = _state(self.block)
+            self.refined = refine(self.block, x, y, c.steps, c.lr, c.refine_batch, c.seed, self.name,
+                                  val=(vx, vy) if len(vx) else None)
+            accepted = self.refined.accepted
+            if accepted and val.seen > len(vx):  # the sample was part of the validation images: check all
+                now = _val_error(self.block, source)
+                accepted = self.val_after is None or now < self.val_after
+                if accepted:
+                    self.val_after = now
+                else:
+                    self.block.load_state_dict(start)
+            elif accepted and len(vx):
+                self.val_after = self.refined.error_after
+            self.solvers.append("gradient" if accepted else "gradient(rejected)")
+        self.seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ closed-form statistics
+
     def start_fits(self) -> None:
         self.fits = [ProjectionFit(s, self.name) for s in self.fit_steps]
         self.last_fit = {}
 
-    def consume(self, x: Tensor, y: Tensor, solve: bool, final: bool = False) -> None:
+    def consume(self, x: Tensor, y: Tensor, solve: bool, final: bool = False, val: bool = False) -> None:
         """Accumulate a batch (replacement input ``x``, original output ``y``) into every step's fit,
         in order; with ``solve``, refit each step before the next one takes its input (``final``:
-        the last refit of the pass)."""
+        the last refit of the pass); ``val``: a batch of validation images (not fitted)."""
         t0 = time.perf_counter()
         self.busy = True
         try:
             for fit in self.fits:
-                fit.update(step_input(self.block, fit.step, x), y)
-                if solve:
+                fit.update(step_input(self.block, fit.step, x), y, val=val)
+                if solve and not val:
                     self.last_fit[fit.step.index] = self._solve(fit, final)
         finally:
             self.busy = False
         self.seconds += time.perf_counter() - t0
 
     def _solve(self, fit: ProjectionFit, final: bool = True) -> StepFit:
-        """Refit one step. The ridge is searched on the first and the final refit of a pass; refits
-        in between reuse the last choice (each search costs ``2 x ridge_search`` extra solves)."""
+        """Refit one step. The ridge is searched on the final refit of a pass (and the first);
+        refits in between reuse the last choice."""
         i = fit.step.index
         assign = self.cfg.assign and i not in self.assigned
         if final or i not in self.last_fit:
@@ -251,12 +407,13 @@ class _Job:
             self.solvers.append("assign")
         return out
 
-    def finish_fits(self, first: bool) -> None:
-        """Record the pass's final fits (solving any not solved on the pass's last batch)."""
+    def finish_fits(self, first: bool, resolve: bool = False) -> None:
+        """Record the pass's final fits (solving any not solved on the pass's last batch, every one
+        with ``resolve``)."""
         multi = len(steps_of(self.block)) > 1
         self.fit_errors, self.ridges = [], []
         for fit in self.fits:
-            done = self.last_fit.get(fit.step.index)
+            done = None if resolve else self.last_fit.get(fit.step.index)
             if done is None:
                 done = self._solve(fit)
             self.fit_errors.append(done.fit_error)
@@ -265,36 +422,45 @@ class _Job:
                 self.solvers.append(f"closed_form[{fit.step.index}]" if multi else "closed_form")
         self.fits, self.last_fit = [], {}
 
-    def refine(self) -> None:
-        if self.reservoir is None or self.reservoir.seen == 0:
-            return
-        t0 = time.perf_counter()
-        x, y = self.reservoir.pairs()
-        c = self.cfg
-        self.refined = refine(self.block, x, y, c.steps, c.lr, c.refine_batch, c.seed, self.name)
-        self.solvers.append("gradient" if self.refined.accepted else "gradient(rejected)")
-        self.reservoir = None  # free the pairs
-        self.seconds += time.perf_counter() - t0
-
     def report(self, before: float | None, after: float | None) -> LayerReport:
         r = self.refined
         kept = tuple(sum(v) / len(v) for v in zip(*self.kept)) if self.kept else (None, None)
         return LayerReport(self.name, _kind(self.block), tuple(self.solvers), before, after, tuple(self.fit_errors),
                            tuple(self.ridges), r.error_before if r else None, r.error_after if r else None,
-                           r.pairs if r else 0, kept[1], kept[0], self.seconds)
+                           r.pairs if r else 0, kept[1], kept[0], self.seconds, self.val_start, self.val_after,
+                           r.steps if r else 0)
 
 
-def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
-                 cfg: CalibrationConfig, device, batches: int, progress: bool,
-                 bn: BatchNormMatcher | None = None) -> None:
-    """Streamed closed-form refits of every layer, in ``cfg.passes`` passes over the calibration images.
+def _state(block: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+@torch.no_grad()
+def _val_error(block: nn.Module, source) -> float | None:
+    """``||block(x) - y|| / ||y||`` over the validation pairs of ``source``; None when it has none."""
+    err = ref = 0.0
+    seen = False
+    for x, y in source.pairs(val=True):
+        seen = True
+        d = (block(x) - y).double()
+        err += float((d * d).sum())
+        ref += float(y.double().pow(2).sum())
+    if not seen:
+        return None
+    return (err / ref) ** 0.5 if ref > 0 else err ** 0.5
+
+
+def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, cal: CalibrationSet,
+                 cfg: CalibrationConfig, device, progress: bool, bn: BatchNormMatcher | None = None) -> None:
+    """Streamed closed-form refits of every layer, in ``cfg.passes`` passes over the calibration images
+    (the opt-in approximate schedule).
 
     Each batch runs the original once (the targets of all layers; their inputs too in parallel
     mode). In cascaded mode the converted network then runs once: when it reaches a replacement,
     the replacement's steps take the batch and are refit in order, and the forward pass goes on
-    through the refit replacement. Refits happen after batches 1, 2, 4, 8, ... and the last, so
-    later layers see inputs from already fitted earlier layers. Memory: one batch of activations
-    plus O(channels²) statistics per layer, whatever the number of images.
+    through the refit replacement. Refits happen after fit batches 1, 2, 4, 8, ...; the
+    validation batches come last and only choose the ridge of each pass's final refit. Memory:
+    one batch of activations plus O(channels²) statistics per layer, whatever the number of images.
 
     With ``bn``, the last pass also re-estimates the BatchNorm statistics (see ``calibrate.bn``):
     both networks then run to the end, and every layer is fitted on BatchNorm-corrected inputs.
@@ -307,10 +473,10 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
         with_bn = bn if p == cfg.passes - 1 else None
         for j in fitting:
             j.start_fits()
-        bar = tqdm(total=batches, desc=f"closed form {p + 1}/{cfg.passes} ({cfg.mode.value})", unit="batch",
-                   disable=not progress, leave=False)
-        for b, (x_img, _) in enumerate(stream.calibration(), 1):
-            solve, final = b & (b - 1) == 0 or b == batches, b == batches
+        bar = tqdm(total=len(cal.batches), desc=f"closed form {p + 1}/{cfg.passes} ({cfg.mode.value})",
+                   unit="batch", disable=not progress, leave=False)
+        for b, (x_img, val) in enumerate(zip(cal.batches, cal.val_flags), 1):
+            solve = not val and b & (b - 1) == 0
             x_img = x_img.to(device)
             caught: dict[str, tuple] = {}
 
@@ -321,78 +487,24 @@ def _closed_form(jobs: list[_Job], original: nn.Module, converted: nn.Module, st
                 each_call(original, convs, x_img, keep, stop_after=None if with_bn else last.name)
             if parallel:
                 for j in fitting:
-                    j.consume(*caught[j.name], solve, final)
+                    j.consume(*caught[j.name], solve, val=val)
                 if with_bn:
                     with hooks(post=with_bn.converted_hooks()):
                         converted(x_img)
             else:
                 stop = None if with_bn else last
-                with hooks(pre={j.block: _consumer(j, caught, solve, final, j is stop, with_bn) for j in fitting},
+                with hooks(pre={j.block: _consumer(j, caught, solve, val, j is stop, with_bn)
+                                 for j in fitting},
                            post=with_bn.converted_hooks() if with_bn else None):
                     run(converted, x_img)
             del caught
             bar.update(1)
         bar.close()
         for j in fitting:
-            j.finish_fits(first=p == 0)
+            j.finish_fits(first=p == 0, resolve=True)
 
 
-def _layer_by_layer(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
-                    cfg: CalibrationConfig, device, progress: bool) -> None:
-    """Exact cascade: layer after layer and, inside a replacement, step after step, one pass over the
-    calibration images each, every refit on inputs from the final versions of everything before it.
-    The forward passes stop at the layer being fitted; still, this costs about (steps x layers / 2)
-    full passes where the streamed pass costs one.
-
-    With ``cfg.recalibrate_bn``, the converted network's BatchNorms normalize each batch with its
-    corrected statistics during these passes (see ``calibrate.bn``), so each layer is fitted on the
-    inputs it will see once the statistics are re-estimated at the end.
-    """
-    fitting = [j for j in jobs if j.fit_steps]
-    bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None  # its sums are not used
-    bar = tqdm(total=sum(len(j.fit_steps) for j in fitting), desc="closed form (layer by layer)", unit="pass",
-               disable=not progress, leave=False)
-    for j in fitting:
-        j.start_fits()
-        every = j.fits
-        for fit in every:
-            j.fits = [fit]
-            for x_img, _ in stream.calibration():
-                j.consume(*_pair(j, original, converted, x_img.to(device), cfg.mode, bn), solve=False)
-            j.last_fit[fit.step.index] = j._solve(fit)
-            bar.update(1)
-        j.fits = every
-        j.finish_fits(first=True)
-    bar.close()
-
-
-def _pair(job: _Job, original: nn.Module, converted: nn.Module, x_img: Tensor, mode: Mode,
-          bn: BatchNormMatcher | None) -> tuple[Tensor, Tensor]:
-    """(input, target) of one job on a batch of images, each network run only as far as needed.
-
-    Cascaded, the input comes from the converted network, whose BatchNorms (with ``bn``) normalize
-    with the batch's corrected statistics, as they will once re-estimated at the end.
-    """
-    with hooks(pre=bn.original_hooks() if bn else None):
-        y = output_of(original, job.conv, x_img, job.name)
-    if mode is Mode.PARALLEL:
-        return input_of(original, job.conv, x_img, job.name), y
-    with hooks(post=bn.converted_hooks() if bn else None):
-        return input_of(converted, job.block, x_img, job.name), y
-
-
-def _layerwise(cfg: CalibrationConfig, jobs: list[_Job], full_pass: float) -> bool:
-    """Whether the closed-form refits run layer by layer (an exact cascade) rather than streamed.
-
-    AUTO estimates the layer-wise time as half a full pass of both networks per refit step (the
-    passes stop at the layer being fitted) and takes it when that fits ``layerwise_budget``.
-    """
-    if cfg.schedule is not Schedule.AUTO:
-        return cfg.schedule is Schedule.LAYERWISE
-    return 0.5 * full_pass * sum(len(j.fit_steps) for j in jobs) <= cfg.layerwise_budget
-
-
-def _consumer(job: _Job, caught: dict, solve: bool, final: bool, stop: bool, bn: BatchNormMatcher | None):
+def _consumer(job: _Job, caught: dict, solve: bool, val: bool, stop: bool, bn: BatchNormMatcher | None):
     """Pre-hook on a replacement in the converted network: feed it the batch it receives."""
     seen: list[bool] = []
 
@@ -403,7 +515,7 @@ def _consumer(job: _Job, caught: dict, solve: bool, final: bool, stop: bool, bn:
         if bn is not None:
             bn.paused = True  # the step-input passes are not part of the BatchNorm statistics
         try:
-            job.consume(args[0], caught[job.name][1], solve, final)
+            job.consume(args[0], caught[job.name][1], solve, val=val)
         finally:
             if bn is not None:
                 bn.paused = False
@@ -412,32 +524,72 @@ def _consumer(job: _Job, caught: dict, solve: bool, final: bool, stop: bool, bn:
     return pre
 
 
-def _gradient(jobs: list[_Job], original: nn.Module, converted: nn.Module, stream: ImageStream,
-              cfg: CalibrationConfig, device, progress: bool) -> None:
-    """Adam refinement of whole blocks on sampled (input, target) pairs. Cascaded: layer after layer,
-    each block's pairs captured from the converted network as refined so far; parallel: all pairs
-    from one pass of the original."""
-    todo = [j for j in jobs if j.gradient]
-    if not todo:
-        return
-    by_name = {j.name: j for j in todo}
-    for j in todo:
-        j.reservoir = Reservoir(cfg.max_pixels, cfg.seed)
-    if cfg.mode is Mode.PARALLEL:
-        for x_img, _ in stream.calibration():
-            each_call(original, {j.name: j.conv for j in todo}, x_img.to(device),
-                      lambda n, x, y: by_name[n].reservoir.add(x, y), stop_after=todo[-1].name)
-    bn = BatchNormMatcher(original, converted) if cfg.recalibrate_bn else None  # its sums are not used
-    for j in tqdm(todo, desc=f"refine ({cfg.mode.value})", disable=not progress, leave=False):
-        if cfg.mode is Mode.CASCADED:
-            t0 = time.perf_counter()
-            for x_img, _ in stream.calibration():
-                j.reservoir.add(*_pair(j, original, converted, x_img.to(device), cfg.mode, bn))
-            j.seconds += time.perf_counter() - t0
-        j.refine()
-
-
 # --------------------------------------------------------------------------- helpers
+
+
+def _last(out) -> Tensor:
+    """The tensor a model's output ends with: itself, its logits, or the first tensor of a tuple/dict."""
+    lo = logits_of(out)
+    if lo is not None:
+        return lo
+    if isinstance(out, dict):
+        out = next((v for v in out.values() if isinstance(v, Tensor)), None)
+    elif isinstance(out, (tuple, list)):
+        out = next((v for v in out if isinstance(v, Tensor)), None)
+    if not isinstance(out, Tensor):
+        raise ConfigError("calibrate: the model's output holds no tensor to compare")
+    return out
+
+
+def _end_error(converted: nn.Module, batches: list[Tensor], reference: list[Tensor], device) -> float | None:
+    """Relative error ``||f(x) - f_orig(x)|| / ||f_orig(x)||`` of the last output over ``batches``."""
+    if not batches:
+        return None
+    err = ref = 0.0
+    for x, r in zip(batches, reference):
+        d = (_last(converted(x.to(device))) - r).double()
+        err += float((d * d).sum())
+        ref += float(r.double().pow(2).sum())
+    return (err / ref) ** 0.5 if ref > 0 else err ** 0.5
+
+
+def _announce(jobs: list[_Job], cal: CalibrationSet, cfg: CalibrationConfig, full_pass: float, first: Tensor,
+              converted: nn.Module) -> None:
+    """Print the estimated time of the long steps: the cascade (about one pass of both networks
+    over the images, plus the refits' passes over each layer) and, at most, gradient refinement
+    (one Adam step of each refined block, timed now on a random batch of its input's shape)."""
+    steps = sum(len(j.fit_steps) for j in jobs)
+    cascade = full_pass * (1.0 + 0.1 * steps)
+    todo = [j for j in jobs if j.gradient]
+    shapes = {}
+    if todo:
+        def pre_for(name):
+            def pre(_m, args):
+                shapes.setdefault(name, tuple(args[0].shape[1:]))
+            return pre
+        with hooks(pre={j.block: pre_for(j.name) for j in todo}):
+            run(converted, first)
+    adam = 0.0
+    for j in todo:
+        if j.name not in shapes:
+            continue
+        block = copy.deepcopy(j.block)
+        x = torch.randn((cfg.refine_batch,) + shapes[j.name], device=first.device)
+        with torch.enable_grad():
+            block(x).square().mean().backward()  # the first call allocates: time the second
+            t0 = time.perf_counter()
+            block(x).square().mean().backward()
+        adam += (time.perf_counter() - t0) * 1.3 * cfg.steps  # + the optimizer and validation checks
+    line = (f"calibrate: {cal.fit_images} images fitted, {cal.val_images} for validation, {len(jobs)} layers; "
+            f"estimated {_dur(cascade)} for the cascade")
+    if todo:
+        line += (f" + at most {_dur(adam)} of gradient refinement ({cfg.steps} Adam steps x {len(todo)} layers, "
+                 f"usually stopped earlier on validation)")
+    print(line, file=sys.stderr, flush=True)
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _kind(block: nn.Module) -> str:

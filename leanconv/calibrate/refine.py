@@ -50,10 +50,11 @@ class Reservoir:
 
 @dataclass(frozen=True)
 class RefineResult:
-    error_before: float   # relative error on the sampled pairs before refinement
+    error_before: float   # relative error on the validation pairs (the sampled pairs when none) before
     error_after: float    # after (the kept result's)
     accepted: bool        # False: refinement did not help and the block was restored
     pairs: int            # images in the sample
+    steps: int = 0        # Adam steps run (fewer than asked when validation stopped it early)
 
 
 @torch.no_grad()
@@ -69,9 +70,13 @@ def relative_error(block: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
 
 
 def refine(block: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, seed: int,
-           name: str) -> RefineResult:
+           name: str, val: tuple[Tensor, Tensor] | None = None, every: int = 25, patience: int = 3) -> RefineResult:
     """Minimize ``||block(x) - y||² / ||y||²`` over all of ``block``'s parameters with Adam
-    (cosine-decayed learning rate); keep the result only if it lowers the error on the pairs.
+    (cosine-decayed learning rate); keep the result only if it lowers the error on the validation
+    pairs ``val`` (on ``x, y`` themselves when None).
+
+    With ``val``, the error on it is measured every ``every`` steps; the best state is kept, and the
+    run stops after ``patience`` measurements without improvement.
 
     Raises:
         NumericalError: the loss became NaN or Inf (the block is restored first).
@@ -80,18 +85,20 @@ def refine(block: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch:
     params = [p for p in block.parameters()]
     saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
     flags = [p.requires_grad for p in params]
-    before = relative_error(block, x, y, batch)
+    vx, vy = val if val is not None and len(val[0]) else (x, y)
+    before = relative_error(block, vx, vy, batch)
     if steps == 0 or not params or len(x) == 0:
         return RefineResult(before, before, False, len(x))
     energy = y.double().pow(2).mean().clamp(min=1e-30).to(y.dtype)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    best, best_state, stale, ran = before, None, 0, 0
     try:
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for _ in range(steps):
+            for t in range(1, steps + 1):
                 idx = torch.randint(len(x), (min(batch, len(x)),), generator=gen).to(x.device)
                 loss = (block(x[idx]) - y[idx]).pow(2).mean() / energy
                 if not torch.isfinite(loss):
@@ -101,9 +108,18 @@ def refine(block: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch:
                 loss.backward()
                 opt.step()
                 sched.step()
-        after = relative_error(block, x, y, batch)
-        if not math.isfinite(after):
-            raise NumericalError(f"{name}: gradient refinement gave NaN or Inf outputs")
+                ran = t
+                if t % every == 0 or t == steps:
+                    now = relative_error(block, vx, vy, batch)
+                    if not math.isfinite(now):
+                        raise NumericalError(f"{name}: gradient refinement gave NaN or Inf outputs")
+                    if now < best * (1 - 1e-6):
+                        best, stale = now, 0
+                        best_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+                    else:
+                        stale += 1
+                        if stale >= patience:
+                            break
     except BaseException:
         block.load_state_dict(saved)
         raise
@@ -111,7 +127,8 @@ def refine(block: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
-    if after >= before:
+    if best_state is None:
         block.load_state_dict(saved)
-        return RefineResult(before, before, False, len(x))
-    return RefineResult(before, after, True, len(x))
+        return RefineResult(before, before, False, len(x), ran)
+    block.load_state_dict(best_state)
+    return RefineResult(before, best, True, len(x), ran)

@@ -12,7 +12,8 @@ class LayerReport:
 
     name: str
     kind: str                          # replacement type, e.g. "SICStack x2"
-    solvers: tuple[str, ...]           # what ran, in order: assign, closed_form[i], gradient
+    solvers: tuple[str, ...]           # what ran, in order: assign, closed_form[i], gradient; a
+                                       # "(rejected)" step was undone (worse on the validation images)
     error_before: float | None         # held-out images, in the network, data-free start
     error_after: float | None          # held-out images, in the network, after calibration
     fit_errors: tuple[float, ...] = ()  # closed-form fit of each refit projection (calibration images)
@@ -23,6 +24,9 @@ class LayerReport:
     kept_identity: float | None = None  # topological: fraction of connection importance kept, identity order
     kept: float | None = None           # ... with the chosen grid assignment
     seconds: float = 0.0
+    val_start: float | None = None      # validation images (calibration images not fitted): data-free start
+    val_after: float | None = None      # ... what was kept
+    refine_steps: int = 0               # Adam steps run (early stopping on validation)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerReport":
@@ -48,7 +52,13 @@ class CalibrationReport:
     batchnorms: int = 0               # BatchNorms whose statistics were re-estimated
     stages: dict = field(default_factory=dict)  # wall seconds per stage
     seconds: float = 0.0
-    schedule: str | None = None       # closed-form schedule that ran: "layerwise" | "streamed"
+    schedule: str | None = None       # schedule that ran: "layerwise" (exact cascade) | "streamed"
+    fit_images: int = 0               # calibration images fitted
+    val_images: int = 0               # calibration images kept out of every fit (validation)
+    val_before: float | None = None   # relative error of the last output on them: data-free start
+    val_after: float | None = None    # ... calibrated network
+    returned: str = "calibrated"      # "calibrated", or "data-free start" when that was better on them
+    cascade: dict | None = None       # how the cascade's activations were kept (runner, GiB in memory/on disk)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,23 +75,33 @@ class CalibrationReport:
         return cls(**d)
 
     def table(self) -> str:
-        """Per-layer errors, end-to-end agreement and stage times, as aligned text."""
-        rows = [("layer", "replacement", "solvers", "error data-free", "error calibrated", "kept (identity)")]
+        """Per-layer errors, end-to-end agreement and stage times, as aligned text with a legend."""
+        rows = [("layer", "replacement", "done", "held-out error", "grid kept")]
         for l in self.layers:
-            kept = f"{l.kept:.3f} ({l.kept_identity:.3f})" if l.kept is not None else "-"
-            rows.append((l.name, l.kind, ",".join(l.solvers) or "-", _f(l.error_before), _f(l.error_after), kept))
+            kept = f"{l.kept:.2f}/{l.kept_identity:.2f}" if l.kept is not None else "-"
+            err = f"{_f(l.error_before)} -> {_f(l.error_after)}"
+            rows.append((l.name, l.kind, _done(l.solvers), err, kept))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("")
+        lines += ["", "done: A grid assignment, C closed-form refit (C2: of 2 steps), G gradient refinement; "
+                      "x: undone, worse on the validation images",
+                  "held-out error: relative output error ||y - y_orig|| / ||y_orig|| in the network, data-free start "
+                  "-> calibrated",
+                  "grid kept: share of the kernel's weight energy a topological projection keeps, chosen "
+                  "assignment/identity order", ""]
         how = ", ".join(str(v) for v in (self.config.get("mode"), self.config.get("solver"), self.schedule,
                                          self.device) if v)
+        if self.val_images:
+            lines.append(f"validation ({self.val_images} of the {self.images} calibration images, not fitted): "
+                         f"last-output error data-free {_f(self.val_before)}, calibrated {_f(self.val_after)}; "
+                         f"returned: {self.returned}")
         lines.append(f"end to end on {self.eval_images} {self.eval_split} images ({self.images} calibration "
                      f"images; {how}):")
         stages = [("data-free", self.before)]
         if self.before_bn is not None:
             stages.append(("before BN", self.before_bn))
-        stages.append(("calibrated", self.after))
+        stages.append(("calibrated" if self.returned == "calibrated" else "returned", self.after))
         for label, e in stages:
             acc = f", accuracy {_p(e.accuracy)} (original {_p(e.accuracy_original)})" if e.accuracy is not None else ""
             lines.append(f"  {label:<10}  top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
@@ -91,6 +111,27 @@ class CalibrationReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _done(solvers: tuple[str, ...]) -> str:
+    """A short code for what ran on a layer: e.g. ``AC2G`` or ``C2xG`` (x: the step before was undone)."""
+    out, fits = [], 0
+    for s in solvers:
+        if s == "assign":
+            if not out or out[-1] != "A":
+                out.append("A")
+        elif s.startswith("closed_form["):
+            fits += 1
+        elif s == "closed_form":
+            out.append("C")
+        elif s == "closed_form(rejected)":
+            out.append("x")
+        elif s.startswith("gradient"):
+            out.append("G" if s == "gradient" else "Gx")
+    if fits:
+        i = next((k for k, c in enumerate(out) if c not in ("A",)), len(out))
+        out.insert(i, f"C{fits}")
+    return "".join(out) or "-"
 
 
 def _f(v: float | None) -> str:

@@ -160,23 +160,37 @@ def squared_error(stats: RidgeStats, weight: Tensor, bias: Tensor | None) -> flo
     return float(err)
 
 
-def choose_ridge(folds: tuple[RidgeStats, RidgeStats], grid: list[float], prior: Tensor,
+def ridge_grid(smallest: float, count: int, features: int, samples: int) -> list[float]:
+    """Ridges to try: ``smallest x 10^k`` for ``k < count``, extended by factors of 10 until the grid
+    reaches ``10 x features / samples`` (with few samples per weight, as in deep layers at low
+    resolution, the least-squares fit is mostly noise and needs more shrinkage towards the start)."""
+    if count <= 1:
+        return [smallest]
+    unit = smallest if smallest > 0 else 1e-6
+    top = max(unit * 10 ** (count - 1), 10.0 * features / max(samples, 1))
+    grid = [smallest] if smallest <= 0 else []
+    r = unit
+    while not grid or grid[-1] < top * (1 - 1e-9):
+        grid.append(r)
+        r *= 10
+    return grid
+
+
+def choose_ridge(fit: RidgeStats, val: RidgeStats, grid: list[float], prior: Tensor,
                  sources: Tensor | None = None, rows: Tensor | None = None, intercept: bool = True,
-                 name: str = "layer") -> float:
-    """The ridge of ``grid`` with the least 2-fold validation error: fit on one fold, measure the
-    squared error on the other, both ways. Ties go to the smallest. With a single usable fold,
-    the smallest ridge."""
-    if len(grid) == 1 or any(f.count == 0 for f in folds):
-        return grid[0]
+                 name: str = "layer") -> tuple[float, float | None]:
+    """The ridge of ``grid`` whose fit on ``fit`` has the least squared error on ``val`` (samples of
+    other images), and that error; ties go to the smallest. Without validation samples, the
+    smallest ridge and None."""
+    if len(grid) == 1 or val.count == 0:
+        return grid[0], None
     best, best_err = grid[0], None
     for lam in grid:
-        err = 0.0
-        for k in (0, 1):
-            sol = ridge_solve(folds[k], lam, prior, sources, rows, intercept, name)
-            err += squared_error(folds[1 - k], sol.weight, sol.bias)
+        sol = ridge_solve(fit, lam, prior, sources, rows, intercept, name)
+        err = squared_error(val, sol.weight, sol.bias)
         if best_err is None or err < best_err * (1 - 1e-9):
             best, best_err = lam, err
-    return best
+    return best, best_err
 
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from leanconv.batchnorm import bn_affine
 from leanconv.calibrate import capture
 from leanconv.calibrate.assign import Assignment, assign_layer
-from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_solve
+from leanconv.calibrate.ridge import RidgeStats, choose_ridge, ridge_grid, ridge_solve
 from leanconv.layers import functional as LF
 from leanconv.passes.analyze import relu_shift
 from leanconv.passes.plain import as_plain_conv
@@ -67,6 +67,7 @@ class StepFit:
     fit_error: float               # relative error of the fit on the calibration samples
     assignment: Assignment | None  # chosen grid assignment (topological projections)
     ridge: float                   # ridge strength used
+    val_error: float | None = None  # relative error on the validation samples (None: none)
 
 
 class ProjectionFit:
@@ -83,36 +84,42 @@ class ProjectionFit:
         bias0 = fit.start_bias(layer)
         self.bias0 = bias0.detach().clone() if bias0 is not None else None
         dev = proj.weight.device
-        # even and odd images of every batch: two folds, to choose the ridge by validation
-        self.folds = (RidgeStats(proj.in_channels, proj.out_channels, dev),
-                      RidgeStats(proj.in_channels, proj.out_channels, dev))
+        # samples of the fitted images, and of the validation images the ridge is chosen on
+        self.fit = RidgeStats(proj.in_channels, proj.out_channels, dev)
+        self.val = RidgeStats(proj.in_channels, proj.out_channels, dev)
         self.y_sum = torch.zeros(layer.out_channels, dtype=torch.float64, device=dev)
         self.y_sq = torch.zeros_like(self.y_sum)
         self.y_n = 0
 
     @torch.no_grad()
-    def update(self, x: Tensor, target: Tensor) -> None:
-        """Add a batch: ``x`` what the step receives, ``target`` what the whole replacement should give."""
+    def update(self, x: Tensor, target: Tensor, val: bool = False) -> None:
+        """Add a batch: ``x`` what the step receives, ``target`` what the whole replacement should give;
+        ``val``: a batch of validation images (not fitted, used to choose the ridge)."""
         step, layer = self.step, self.step.layer
+        if val:
+            g, t = self._samples(x, target)
+            self.val.update(g, t, (self.fit.g_ref, self.fit.y_ref) if self.fit.g_ref is not None else None)
+            return
         self.y_sum += target.sum((0, 2, 3)).double()
         self.y_sq += (target * target).sum((0, 2, 3)).double()
         self.y_n += target.shape[0] * target.shape[2] * target.shape[3]
+        g, t = self._samples(x, target)
+        self.fit.update(g, t)
+
+    def _samples(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, targets) of the projection, one row per sample: ``(P, in)``, ``(P, out)``."""
+        step, layer = self.step, self.step.layer
         t = target - x if step.residual else target  # what the layer (after its norm) must add
         if step.norm is not None:
             scale, offset = bn_affine(step.norm)
             t = (t - offset[:, None, None]) / scale[:, None, None]
         g = self.hooks.features(layer, x)  # (N, n, Ho, Wo): what the projection sees
         t = self.hooks.target(layer, t, self.bias0)
-        g, t = _flat(g), _flat(t)  # (N*H*W, n), (N*H*W, m)
-        ref = (g.mean(0), t.mean(0)) if self.folds[0].g_ref is None else None
-        per_image = g.shape[0] // x.shape[0]
-        fold = (torch.arange(g.shape[0], device=g.device) // per_image) % 2  # image parity of each sample
-        for k in (0, 1):
-            self.folds[k].update(g[fold == k], t[fold == k], ref)
+        return _flat(g), _flat(t)  # (N*H*W, n), (N*H*W, m)
 
     @property
     def stats(self) -> RidgeStats:
-        return self.folds[0].merged(self.folds[1])
+        return self.fit
 
     def shift(self) -> Tensor:
         """Per-channel shift that keeps the next ReLU linear, from the targets' mean and spread."""
@@ -126,8 +133,8 @@ class ProjectionFit:
         """Solve on the samples so far and write the projection and bias into the layer.
 
         Args:
-            ridges: candidate ridge strengths; the one with the least 2-fold validation error (even
-                vs odd images) is used.
+            ridges: candidate ridge strengths (the smallest and how many: see ``ridge_grid``); the
+                one with the least error on the validation images is used.
             assign: choose a topological projection's grid assignment first.
         Raises:
             NumericalError: non-finite statistics or solution; the layer is left as it was.
@@ -146,7 +153,9 @@ class ProjectionFit:
             mask = (proj.sources, proj.out_perm)
         else:
             mask = (None, None)
-        ridge = choose_ridge(self.folds, ridges, prior, *mask, self.intercept, where)
+        features = proj.in_channels if mask[0] is None else mask[0].shape[1]
+        grid = ridge_grid(ridges[0], len(ridges), features, stats.count)
+        ridge, val_err = choose_ridge(stats, self.val, grid, prior, *mask, self.intercept, where)
         sol = ridge_solve(stats, ridge, prior, *mask, self.intercept, where)
         fit.load(layer, sol.weight.to(prior))
         bias = fit.bias(layer)
@@ -159,7 +168,11 @@ class ProjectionFit:
                 new = new + s
             bias.copy_(new.to(bias))
         fit = (sol.residual / sol.target_energy) ** 0.5 if sol.target_energy > 0 else 0.0
-        return StepFit(fit, chosen, ridge)
+        val_rel = None
+        if val_err is not None:
+            energy = float(self.val.moments(centered=False).yy.sum())
+            val_rel = (max(val_err, 0.0) / energy) ** 0.5 if energy > 0 else 0.0
+        return StepFit(fit, chosen, ridge, val_rel)
 
 
 @torch.no_grad()
