@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from leanconv.calibrate.capture import StopForward, call_order, each_call, hooks, run
 from leanconv.calibrate.cascade import GraphBoundary, HookBoundary, ListBoundary
 from leanconv.calibrate.config import CalibrationConfig, Mode, Schedule, Solver
-from leanconv.calibrate.evaluate import fidelity, logits_of
+from leanconv.calibrate.evaluate import fidelity
+from leanconv.logits import logits_of
 from leanconv.calibrate.bn import BatchNormMatcher, recalibrate_bn
 from leanconv.calibrate.images import ImageStream
 from leanconv.calibrate.refine import RefineResult, Reservoir, refine
