@@ -153,7 +153,7 @@ class ProjectionFit:
             mask = (proj.sources, proj.out_perm)
         else:
             mask = (None, None)
-        features = proj.in_channels if mask[0] is None else mask[0].shape[1]
+        features = layer.project.in_channels if mask[0] is None else mask[0].shape[1]
         grid = ridge_grid(ridges[0], len(ridges), features, stats.count)
         ridge, val_err = choose_ridge(stats, self.val, grid, prior, *mask, self.intercept, where)
         sol = ridge_solve(stats, ridge, prior, *mask, self.intercept, where)
