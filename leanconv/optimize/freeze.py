@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from leanconv.errors import ModelError
+from leanconv.kernels.cpu import cpu_alternatives
 from leanconv.kernels.fused import gpu_alternatives
 from leanconv.layers import ResidualStack, SICLayer, SpatialBottleneck, TopoConv2d, UnraveledConv
 from leanconv.layers.topo_impl import TopoImpl, band_candidates, band_plan
@@ -73,6 +74,7 @@ def alternatives(op: InferenceOp, max_plans: int = 3) -> list[InferenceOp]:
         out = [BottleneckOp(op.down, p, op.up_weight, op.bias, op.k, op.offset, up).epilogue_from(op)
                for p in alternatives(op.project, max_plans) for up in ("deconv", "expand")]
     out += gpu_alternatives(op)  # fused Triton kernels, where the op's weights are on a GPU
+    out += cpu_alternatives(op)  # fused C++ kernels, where they are float32 on the CPU
     return out
 
 
