@@ -159,6 +159,83 @@ void epilogue(float* y, int64_t P, int64_t N, const float* bias, const float* rs
   }
 }
 
+
+// ---------------------------------------------------------------------------------- projection GEMM
+// y[p, n] = epilogue(sum_k a[p, k] * w[k, n]) on a band: a (P x K, row stride K) is the depthwise
+// band buffer, w is packed in panels of NR columns ((N / NR) x K x NR, zero-padded), so one
+// MR x NR block of y is MR * NV accumulator vectors fed by one broadcast per row and NV loads per k.
+// MKL's sgemm runs at half this CPU's AVX-512 rate here (AVX2 code on AMD), so the band GEMM is ours.
+#ifdef __AVX512F__
+constexpr int64_t NV = 2, MR = 8;   // 16 zmm accumulators
+#else
+constexpr int64_t NV = 1, MR = 6;   // 12 ymm pairs... one v16 is two ymm under AVX2
+#endif
+constexpr int64_t NR = 16 * NV;
+
+struct Epilogue {
+  const float* bias;   // (N,)
+  const float* rs;     // (N,) or null: residual scale
+  const float* res;    // band's residual rows (P x N) or null
+  bool relu;
+};
+
+template <int64_t ROWS>
+inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
+                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+  v16 acc[ROWS][NV];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 b[NV];
+    for (int64_t v = 0; v < NV; ++v) b[v] = load<v16>(wp + k * NR + 16 * v);
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const v16 x = v16{} + a[r * lda + k];
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] += x * b[v];
+    }
+  }
+  for (int64_t r = 0; r < ROWS; ++r) {
+    float* yr = y + r * ldy + n0;
+    const float* rr = e.res ? e.res + (p0 + r) * ldy + n0 : nullptr;
+    if (ncols == NR) {
+      for (int64_t v = 0; v < NV; ++v) {
+        v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
+        if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
+        if (e.relu) o = o > 0.0f ? o : v16{};
+        store<v16>(yr + 16 * v, o);
+      }
+    } else {  // the last panel of an N that is not a multiple of NR
+      float tmp[NR];
+      for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
+      for (int64_t j = 0; j < ncols; ++j) {
+        float o = tmp[j] + e.bias[n0 + j];
+        if (rr) o += (e.rs ? e.rs[n0 + j] : 1.0f) * rr[j];
+        yr[j] = e.relu && o < 0.0f ? 0.0f : o;
+      }
+    }
+  }
+}
+
+template <int64_t R>
+inline void gemm_tail(int64_t rows, const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
+                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+  if constexpr (R > 0) {
+    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+  }
+}
+
+// y (P x N, row stride N) = epilogue(a (P x K) @ w), w packed by pack_projection.
+void band_gemm(const float* a, int64_t P, int64_t K, const float* wp, int64_t N, float* y, const Epilogue& e) {
+  const int64_t panels = (N + NR - 1) / NR;
+  for (int64_t j = 0; j < panels; ++j) {
+    const float* wj = wp + j * K * NR;
+    const int64_t n0 = j * NR, ncols = std::min(NR, N - n0);
+    int64_t p = 0;
+    for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+    if (p < P) gemm_tail<MR - 1>(P - p, a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+  }
+}
+
 struct Buffer {  // one per thread, grown on demand, 64-byte aligned
   float* data = nullptr;
   size_t size = 0;
@@ -194,7 +271,7 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
                        std::vector<int64_t> dilation, bool relu, int64_t band_bytes, int64_t parts) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "leanconv cpu sic: x must be a 4-D float32 CPU tensor");
-  TORCH_CHECK(dw.dim() == 3 && weight.dim() == 2 && bias.dim() == 1, "leanconv cpu sic: bad packed operands");
+  TORCH_CHECK(dw.dim() == 3 && bias.dim() == 1, "leanconv cpu sic: bad packed operands");
   at::Tensor x = nhwc(x_in);
   Dw g;
   g.H = x.size(2); g.W = x.size(3); g.C = x.size(1); g.b = dw.size(0);
@@ -202,8 +279,9 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
   g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
   TORCH_CHECK(dw.size(1) == g.kh * g.kw && dw.size(2) == g.C, "leanconv cpu sic: depthwise filters do not match x");
   TORCH_CHECK(g.kh <= 64, "leanconv cpu sic: kernel too tall");
-  const int64_t K = g.b * g.C, N = weight.size(1);
-  TORCH_CHECK(weight.size(0) == K && bias.size(0) == N, "leanconv cpu sic: projection does not match");
+  const int64_t K = g.b * g.C, N = bias.size(0);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == (N + NR - 1) / NR && weight.size(1) == K && weight.size(2) == NR,
+              "leanconv cpu sic: the projection is not packed for this build (pack_projection)");
   g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
   const int64_t B = x.size(0);
@@ -220,6 +298,7 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
   const float* xp = x.data_ptr<float>();
   const float* wp = dwc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
+  const float* wp_packed = wc.data_ptr<float>();
   const float* rsp = rs.defined() ? rs.data_ptr<float>() : nullptr;
   const float* resp = res.defined() ? res.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -244,15 +323,23 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
         if (parts & 1) row(xp + n * img, wp, buf + (r - r0) * g.OW * K, K, g, oh);
       }
       float* yb = yp + r0 * g.OW * N;
-      at::Tensor a = at::from_blob(buf, {P, K}, x.options());
-      at::Tensor out = at::from_blob(yb, {P, N}, x.options());
-      if (parts & 2) at::mm_out(out, a, wc);
-      if (parts & 4) epilogue(yb, P, N, bp, rsp, resp ? resp + r0 * g.OW * N : nullptr, relu);
+      Epilogue e{bp, rsp, resp ? resp + r0 * g.OW * N : nullptr, relu};
+      band_gemm(buf, P, K, wp_packed, N, yb, e);
     }
   });
   return y;
 }
 
+// (ceil(N / NR), K, NR): the projection (K, N) in panels of NR columns, zero-padded, for band_gemm.
+at::Tensor pack_projection(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "leanconv cpu: the projection must be (K, N) float32");
+  const int64_t K = w.size(0), N = w.size(1), panels = (N + NR - 1) / NR;
+  at::Tensor padded = at::zeros({K, panels * NR}, w.options());
+  padded.narrow(1, 0, N).copy_(w);
+  return padded.view({K, panels, NR}).permute({1, 0, 2}).contiguous();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_projection", &pack_projection, "the projection in the GEMM's panel layout");
   m.def("sic_forward", &sic_forward, "fused depthwise + 1x1 projection + epilogue, band by band (NHWC float32)");
 }

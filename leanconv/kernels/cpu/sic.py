@@ -27,7 +27,8 @@ def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, bias: Tensor, res_scale: Op
     Args:
         x: ``(B, C, H, W)`` float32 (made channels_last if it is not).
         dw: ``(b, kh*kw, C)`` depthwise filters, multiplier slot major.
-        weight: ``(b*C, N)`` projection; row ``r*C + i`` takes depthwise channel ``i*b + r``.
+        weight: the ``(b*C, N)`` projection packed by the module's ``pack_projection``; row ``r*C + i``
+            takes depthwise channel ``i*b + r``.
         bias: ``(N,)``, the depthwise bias folded in. res_scale: ``(N,)`` or None.
         residual: ``(B, N, OH, OW)`` or None.
         band_bytes: target size of the per-thread depthwise band buffer.
@@ -41,7 +42,7 @@ def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, bias: Tensor, res_scale: Op
 def _sic_fake(x, dw, weight, bias, res_scale, residual, kernel, stride, padding, dilation, relu, band_bytes):
     b, _, h, w = x.shape
     oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
-    return torch.empty((b, weight.shape[1], oh, ow), dtype=x.dtype, device=x.device,
+    return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
@@ -74,7 +75,7 @@ class CpuSplitOp(CpuKernelOp):
         weight = proj.reshape(n, c, b).permute(2, 1, 0).reshape(b * c, n).contiguous()  # (b*C, N)
         bias = proj @ d.bias.float() + (pbias.float() if pbias is not None else 0)  # depthwise bias folded
         self.register_buffer("dw", dw, persistent=False)
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight", build.load().pack_projection(weight), persistent=False)  # (panels, K, NR)
         self.register_buffer("bias", bias.contiguous(), persistent=False)
         self.geometry = ([kh, kw], list(d.stride), list(d.padding), list(d.dilation))
 

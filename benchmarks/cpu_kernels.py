@@ -1,0 +1,90 @@
+"""Per-layer speed of the fused C++ CPU kernel (``leanconv.kernels.cpu``) against the dense 3x3 conv
+a SIC layer replaces and against the same layer as two library calls (oneDNN depthwise + 1x1),
+all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last float32.
+
+    python benchmarks/cpu_kernels.py --threads 1
+    python benchmarks/cpu_kernels.py --shapes 64x224x1,512x14x16 --multiplier 4 --threads 2
+
+``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
+the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leanconv.kernels.cpu.sic import CpuSplitOp  # noqa: E402
+from leanconv.measure.timing import time_interleaved  # noqa: E402
+from leanconv.optimize.memory import keep_freed_memory  # noqa: E402
+from leanconv.optimize.ops import ConvOp, SplitOp  # noqa: E402
+
+
+def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of thread CPU time per call of each function, interleaved, after 2 warm-ups."""
+    seen: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 2):
+        for name, fn in fns.items():
+            t = time.thread_time()
+            fn()
+            if r >= 2:
+                seen[name].append(time.thread_time() - t)
+    return {name: statistics.median(v) for name, v in seen.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="64x224x1,128x112x1,256x56x1,512x28x1,512x14x1,64x224x16,256x56x16,512x14x16",
+                    help="channels x size x batch, comma-separated")
+    ap.add_argument("--multiplier", type=int, default=1, help="depthwise multiplier b (unravelled layers)")
+    ap.add_argument("--kernel", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the thread's CPU time, not the wall clock (with --threads 1: the time the "
+                         "calling thread computed, whatever else the machine ran meanwhile)")
+    a = ap.parse_args()
+    if a.cpu_time and a.threads != 1:
+        ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k, b = a.kernel, a.multiplier
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, depthwise {k}x{k} multiplier {b}, load {os.getloadavg()[0]:.2f}; ms per call "
+          "(median)")
+    print("| channels x size x batch | dense kxk | library dw + 1x1 | fused (cpu:sic) | fused vs library | "
+          "theory | realized, library | realized, fused |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        dense = ConvOp(torch.randn(n, n, k, k, generator=g).contiguous(memory_format=cl), torch.randn(n, generator=g),
+                       padding=k // 2, relu=True)
+        split = SplitOp(ConvOp(torch.randn(n * b, 1, k, k, generator=g).contiguous(memory_format=cl), None,
+                               padding=k // 2, groups=n),
+                        ConvOp(torch.randn(n, n * b, 1, 1, generator=g).contiguous(memory_format=cl),
+                               torch.randn(n, generator=g), relu=True))
+        fused = CpuSplitOp(split)
+        fns = {"dense": lambda: dense(x), "split": lambda: split(x), "fused": lambda: fused(x)}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        theory = (n * k * k) / (b * (k * k + n))
+        r = {name: t["dense"] / t[name] / theory for name in ("split", "fused")}
+        print(f"| {spec} | {t['dense'] * 1e3:.2f} | {t['split'] * 1e3:.2f} | {t['fused'] * 1e3:.2f} | "
+              f"{t['split'] / t['fused']:.2f}x | {theory:.2f} | {r['split']:.2f} | {r['fused']:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
