@@ -35,99 +35,103 @@ struct Dw {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// One output row (image-local row `oh`) of the depthwise step for channels [c0, c0 + width(V)) of
-// every multiplier slot: out[ow * ldo + r * C + c] = sum_taps x[ih, iw, c] * w[r, tap, c].
-// KH_/KW_ > 0: compile-time kernel size (taps unrolled, weights held in registers).
-template <typename V, int KH_, int KW_>
-void dw_row_chunk(const float* x, const float* w, float* out, int64_t ldo, const Dw& g, int64_t oh, int64_t c0) {
-  constexpr int64_t L = sizeof(V) / sizeof(float);
-  const int64_t KH = KH_ ? KH_ : g.kh, KW = KW_ ? KW_ : g.kw;
-  const int64_t ntaps = KH * KW;
-  // rows of the input this output row reads, and which of them exist
+// The input rows one output row reads, which of them exist, and the output columns whose every
+// tap lies inside the row ([lo, hi): the fast interior; the rest are edges).
+struct RowPlan {
   const float* rows[64];
-  int64_t i0 = 0, i1 = 0;
-  {
-    bool first = true;
-    for (int64_t i = 0; i < KH; ++i) {
-      int64_t ih = oh * g.sh - g.ph + i * g.dh;
-      rows[i] = (ih >= 0 && ih < g.H) ? x + ih * g.W * g.C + c0 : nullptr;
-      if (rows[i]) {
-        if (first) { i0 = i; first = false; }
-        i1 = i + 1;
-      }
-    }
+  bool full;        // every row present
+  int64_t lo, hi;
+};
+
+inline RowPlan plan_row(const float* x, const Dw& g, int64_t oh) {
+  RowPlan p;
+  p.full = true;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+    p.rows[i] = (ih >= 0 && ih < g.H) ? x + ih * g.W * g.C : nullptr;
+    p.full = p.full && p.rows[i];
   }
-  // output columns whose every tap lies inside the row: [lo, hi)
-  int64_t lo = (g.pw + g.sw - 1) / g.sw;
-  int64_t last = g.W - 1 - (KW - 1) * g.dw + g.pw;  // ow * sw <= last
-  int64_t hi = last < 0 ? 0 : std::min(g.OW, last / g.sw + 1);
-  lo = std::min(lo, g.OW);
-  if (hi < lo) hi = lo;
-  const int64_t C = g.C;
-  for (int64_t r = 0; r < g.b; ++r) {
-    const float* wr = w + r * ntaps * C + c0;
-    float* o = out + r * C + c0;
-    V wv[(KH_ && KW_) ? KH_ * KW_ : 1];
-    if constexpr (KH_ && KW_) {
-      for (int t = 0; t < KH_ * KW_; ++t) wv[t] = load<V>(wr + t * C);
-    }
-    auto tap = [&](int64_t t) -> V {
-      if constexpr (KH_ && KW_) return wv[t]; else return load<V>(wr + t * C);
-    };
-    auto edge = [&](int64_t ow) {
-      V acc = {};
-      const int64_t base = ow * g.sw - g.pw;
-      for (int64_t i = i0; i < i1; ++i) {
-        if (!rows[i]) continue;
-        for (int64_t j = 0; j < KW; ++j) {
-          int64_t iw = base + j * g.dw;
-          if (iw >= 0 && iw < g.W) acc += load<V>(rows[i] + iw * C) * tap(i * KW + j);
-        }
-      }
-      store<V>(o + ow * ldo, acc);
-    };
-    for (int64_t ow = 0; ow < lo; ++ow) edge(ow);
-    if (i0 == 0 && i1 == KH) {  // every row present: the fast interior
-      int64_t ow = lo;
-      // U outputs at a time: independent accumulators hide the FMA latency (one chain of KH*KW
-      // dependent FMAs per output would run at a quarter of the FMA units' rate)
-      constexpr int64_t U = 4;
-      for (; ow + U <= hi; ow += U) {
-        const int64_t off = (ow * g.sw - g.pw) * C;
-        const int64_t step = g.sw * C;
-        V acc[U] = {};
-        for (int64_t i = 0; i < KH; ++i) {
-          const float* xr = rows[i] + off;
-          for (int64_t j = 0; j < KW; ++j) {
-            const V t = tap(i * KW + j);
-            const float* xj = xr + j * g.dw * C;
-            for (int64_t u = 0; u < U; ++u) acc[u] += load<V>(xj + u * step) * t;
-          }
-        }
-        for (int64_t u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
-      }
-      for (; ow < hi; ++ow) {
-        const int64_t off = (ow * g.sw - g.pw) * C;
-        V acc = {};
-        for (int64_t i = 0; i < KH; ++i) {
-          const float* xr = rows[i] + off;
-          for (int64_t j = 0; j < KW; ++j) acc += load<V>(xr + j * g.dw * C) * tap(i * KW + j);
-        }
-        store<V>(o + ow * ldo, acc);
-      }
-    } else {
-      for (int64_t ow = lo; ow < hi; ++ow) edge(ow);
-    }
-    for (int64_t ow = hi; ow < g.OW; ++ow) edge(ow);
-    (void)L;
-  }
+  const int64_t lo = std::min((g.pw + g.sw - 1) / g.sw, g.OW);
+  const int64_t last = g.W - 1 - (g.kw - 1) * g.dw + g.pw;  // interior: ow * sw <= last
+  const int64_t hi = last < 0 ? 0 : std::min(g.OW, last / g.sw + 1);
+  p.lo = lo;
+  p.hi = std::max(hi, lo);
+  return p;
 }
 
+// Depthwise outputs for channels [c, c + width(V)) of multiplier slot r:
+// out[ow * ldo + r * C + c] = sum_taps x[ih, iw, c] * w[r, tap, c]. KH_/KW_ > 0: compile-time
+// kernel size (taps unrolled, weights held in registers).
+template <typename V, int KH_, int KW_>
+struct DwChunk {
+  const RowPlan& p;
+  const Dw& g;
+  const float* w;   // w[r, tap, c] for this (r, c): tap t at w + t * C
+  float* o;         // out + r * C + c
+  int64_t ldo, c;
+
+  int64_t KH() const { return KH_ ? KH_ : g.kh; }
+  int64_t KW() const { return KW_ ? KW_ : g.kw; }
+
+  // one output with bounds checks (edges, and rows cut by the padding)
+  void edge(int64_t ow) const {
+    V acc = {};
+    const int64_t base = ow * g.sw - g.pw;
+    for (int64_t i = 0; i < KH(); ++i) {
+      if (!p.rows[i]) continue;
+      for (int64_t j = 0; j < KW(); ++j) {
+        const int64_t iw = base + j * g.dw;
+        if (iw >= 0 && iw < g.W) acc += load<V>(p.rows[i] + iw * g.C + c) * load<V>(w + (i * KW() + j) * g.C);
+      }
+    }
+    store<V>(o + ow * ldo, acc);
+  }
+
+  // U interior outputs from ow on: U independent accumulators hide the FMA latency (one chain of
+  // KH*KW dependent FMAs per output runs at a fraction of the FMA units' rate)
+  template <int U>
+  void block(int64_t ow) const {
+    const int64_t off = (ow * g.sw - g.pw) * g.C + c, step = g.sw * g.C;
+    V acc[U] = {};
+    for (int64_t i = 0; i < KH(); ++i) {
+      const float* xr = p.rows[i] + off;
+      for (int64_t j = 0; j < KW(); ++j) {
+        const V t = load<V>(w + (i * KW() + j) * g.C);
+        const float* xj = xr + j * g.dw * g.C;
+        for (int u = 0; u < U; ++u) acc[u] += load<V>(xj + u * step) * t;
+      }
+    }
+    for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
+  }
+};
+
+// One output row (image-local row oh) of the depthwise step, every channel and multiplier slot,
+// into out (OW x ldo). Interior columns go in blocks of U outputs, all channels of a block before
+// the next, so the block's input window (KH rows x (U*sw + KW) pixels x C) is read from L1.
 template <int KH_, int KW_>
 void dw_row(const float* x, const float* w, float* out, int64_t ldo, const Dw& g, int64_t oh) {
-  int64_t c0 = 0;
-  for (; c0 + 16 <= g.C; c0 += 16) dw_row_chunk<v16, KH_, KW_>(x, w, out, ldo, g, oh, c0);
-  for (; c0 < g.C; ++c0) dw_row_chunk<float, KH_, KW_>(x, w, out, ldo, g, oh, c0);
+  constexpr int U = 8;
+  const RowPlan p = plan_row(x, g, oh);
+  const int64_t C = g.C, ntaps = g.kh * g.kw, cv = C / 16 * 16;
+  auto each = [&](auto&& fn) {  // fn(chunk of 16 | scalar channel, r, c)
+    for (int64_t r = 0; r < g.b; ++r) {
+      for (int64_t c = 0; c < cv; c += 16)
+        fn(DwChunk<v16, KH_, KW_>{p, g, w + r * ntaps * C + c, out + r * C + c, ldo, c});
+      for (int64_t c = cv; c < C; ++c)
+        fn(DwChunk<float, KH_, KW_>{p, g, w + r * ntaps * C + c, out + r * C + c, ldo, c});
+    }
+  };
+  if (!p.full) {
+    each([&](const auto& k) { for (int64_t ow = 0; ow < g.OW; ++ow) k.edge(ow); });
+    return;
+  }
+  each([&](const auto& k) {
+    for (int64_t ow = 0; ow < p.lo; ++ow) k.edge(ow);
+    for (int64_t ow = p.hi; ow < g.OW; ++ow) k.edge(ow);
+  });
+  int64_t ow = p.lo;
+  for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block<U>(ow); });
+  for (; ow < p.hi; ++ow) each([&](const auto& k) { k.template block<1>(ow); });
 }
 
 using RowFn = void (*)(const float*, const float*, float*, int64_t, const Dw&, int64_t);
