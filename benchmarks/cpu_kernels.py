@@ -4,6 +4,8 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
 
     python benchmarks/cpu_kernels.py --threads 1
     python benchmarks/cpu_kernels.py --shapes 64x224x1,512x14x16 --multiplier 4 --threads 2
+    python benchmarks/cpu_kernels.py --demo 32 --threads 2      # the demo's network, original vs sic-m2
+    LEANCONV_CPU_KERNELS=0 python benchmarks/cpu_kernels.py ... # the same without the kernels
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -39,6 +41,30 @@ def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in seen.items()}
 
 
+def demo(batch: int, threads: int, repeats: int) -> int:
+    """The demo's network (``fmnist_resnet``, width 32, 28x28) and its data-free sic-m2 conversion."""
+    import warnings
+
+    import leanconv
+    from leanconv.demo.teacher import fmnist_resnet
+    from leanconv.measure.latency import time_models
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    orig = fmnist_resnet(width=32).eval()
+    x = torch.randn(batch, 1, 28, 28)
+    conv = leanconv.convert(orig, "sic-m2", x[:1])[0].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {name: leanconv.optimize(m, x, guard=False) for name, m in (("original", orig), ("sic-m2", conv))}
+    kernels = sum(type(m).__name__.startswith("Cpu") for m in models["sic-m2"].modules())
+    t = time_models(models, (1, 28, 28), batch, threads=threads, repeats=max(repeats, 20))
+    o, c = t["original"].median_ms, t["sic-m2"].median_ms
+    print(f"demo network, batch {batch}, {threads} threads, load {os.getloadavg()[0]:.2f}: original {o:.2f} ms, "
+          f"sic-m2 {c:.2f} ms ({o / c:.2f}x; {kernels} CPU-kernel ops kept); load after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="64x224x1,128x112x1,256x56x1,512x28x1,512x14x1,64x224x16,256x56x16,512x14x16",
@@ -50,7 +76,12 @@ def main() -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the thread's CPU time, not the wall clock (with --threads 1: the time the "
                          "calling thread computed, whatever else the machine ran meanwhile)")
+    ap.add_argument("--demo", type=int, default=0, metavar="BATCH",
+                    help="instead: the demo's Fashion-MNIST network (random weights) against its sic-m2 "
+                         "conversion, both optimized at this batch size, timed interleaved")
     a = ap.parse_args()
+    if a.demo:
+        return demo(a.demo, a.threads, a.repeats)
     if a.cpu_time and a.threads != 1:
         ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
     torch.set_num_threads(a.threads)

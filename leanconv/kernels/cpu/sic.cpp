@@ -272,7 +272,7 @@ at::Tensor nhwc(const at::Tensor& t) {
 at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::Tensor& weight, const at::Tensor& bias,
                        const c10::optional<at::Tensor>& res_scale, const c10::optional<at::Tensor>& residual,
                        std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                       std::vector<int64_t> dilation, bool relu, int64_t band_bytes, int64_t parts) {
+                       std::vector<int64_t> dilation, bool relu, int64_t band_bytes) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "leanconv cpu sic: x must be a 4-D float32 CPU tensor");
   TORCH_CHECK(dw.dim() == 3 && bias.dim() == 1, "leanconv cpu sic: bad packed operands");
@@ -324,7 +324,7 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
       const int64_t P = (r1 - r0) * g.OW;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / g.OH, oh = r % g.OH;
-        if (parts & 1) row(xp + n * img, wp, buf + (r - r0) * g.OW * K, K, g, oh);
+        row(xp + n * img, wp, buf + (r - r0) * g.OW * K, K, g, oh);
       }
       float* yb = yp + r0 * g.OW * N;
       Epilogue e{bp, rsp, resp ? resp + r0 * g.OW * N : nullptr, relu};

@@ -36,7 +36,7 @@ def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, bias: Tensor, res_scale: Op
         ``(B, N, OH, OW)`` channels_last.
     """
     return build.load().sic_forward(x, dw, weight, bias, res_scale, residual, kernel, stride, padding, dilation,
-                                    relu, band_bytes, 7)
+                                    relu, band_bytes)
 
 
 def _sic_fake(x, dw, weight, bias, res_scale, residual, kernel, stride, padding, dilation, relu, band_bytes):
