@@ -6,6 +6,8 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
     python benchmarks/cpu_kernels.py --shapes 64x224x1,512x14x16 --multiplier 4 --threads 2
     python benchmarks/cpu_kernels.py --demo 32 --threads 2      # the demo's network, original vs sic-m2
     LEANCONV_CPU_KERNELS=0 python benchmarks/cpu_kernels.py ... # the same without the kernels
+    python benchmarks/cpu_kernels.py --network vgg16 --recipe sic-m2 --batch 1 --threads 1 --cpu-time
+        # whole network: original, converted without the kernels, converted with them, one process
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -65,6 +67,48 @@ def demo(batch: int, threads: int, repeats: int) -> int:
     return 0
 
 
+def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_time: bool) -> int:
+    """Original, converted (library ops only) and converted (CPU kernels offered), each optimized at
+    ``batch``, timed interleaved in this process."""
+    import warnings
+
+    import torchvision
+
+    import leanconv
+    from leanconv.kernels.cpu import build
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        orig = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(batch, 3, 224, 224)
+        conv, plan = leanconv.convert(orig, recipe, x[:1])
+        models = {"original": leanconv.optimize(orig, x, guard=False)}
+        os.environ[build.DISABLE_ENV] = "0"
+        build.reset()
+        models["library"] = leanconv.optimize(conv, x, guard=False)
+        del os.environ[build.DISABLE_ENV]
+        build.reset()
+        models["kernels"] = leanconv.optimize(conv, x, guard=False)
+    kept = sum(isinstance(m, CpuSplitOp) for m in models["kernels"].modules())
+    xc = x.contiguous(memory_format=torch.channels_last)
+    fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
+    load = os.getloadavg()[0]
+    with torch.no_grad():
+        t = cpu_medians(fns, repeats) if cpu_time else {
+            k: v.median for k, v in time_interleaved(fns, repeats, 2).items()}
+    theory = plan.macs_before / plan.macs_after
+    clock = "thread CPU time" if cpu_time else "wall clock"
+    print(f"{name} {recipe} batch {batch}, {threads} threads, {clock}, load {load:.2f} -> {os.getloadavg()[0]:.2f}: "
+          f"original {t['original'] * 1e3:.1f} ms, converted {t['library'] * 1e3:.1f} ms without the kernels "
+          f"({t['original'] / t['library']:.2f}x, realized {t['original'] / t['library'] / theory:.2f}), "
+          f"{t['kernels'] * 1e3:.1f} ms with them ({t['original'] / t['kernels']:.2f}x, realized "
+          f"{t['original'] / t['kernels'] / theory:.2f}; {kept} kernel ops kept); theoretical {theory:.2f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="64x224x1,128x112x1,256x56x1,512x28x1,512x14x1,64x224x16,256x56x16,512x14x16",
@@ -79,7 +123,15 @@ def main() -> int:
     ap.add_argument("--demo", type=int, default=0, metavar="BATCH",
                     help="instead: the demo's Fashion-MNIST network (random weights) against its sic-m2 "
                          "conversion, both optimized at this batch size, timed interleaved")
+    ap.add_argument("--network", help="instead: this torchvision model (random weights), original against its "
+                                       "conversion by --recipe, optimized without and with the CPU kernels")
+    ap.add_argument("--recipe", default="sic-m2")
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
+    if a.network:
+        if a.cpu_time and a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+        return network(a.network, a.recipe, a.batch, a.threads, a.repeats, a.cpu_time)
     if a.demo:
         return demo(a.demo, a.threads, a.repeats)
     if a.cpu_time and a.threads != 1:
