@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -60,14 +61,26 @@ class BuildError(RuntimeError):
     """The kernels could not be built here (the message says why, in one line)."""
 
 
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its warning that no CUDA runtime exists
+    (the kernels are CPU-only)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 @functools.cache
 def _load() -> ModuleType:
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         raise BuildError(f"switched off by {DISABLE_ENV}=0")
     if _compiler() is None:
         raise BuildError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH)")
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     if not cpp_extension.is_ninja_available():
         raise BuildError("ninja is not installed (pip install ninja)")
     tag = build_tag()
