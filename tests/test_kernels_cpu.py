@@ -254,6 +254,20 @@ def test_without_a_compiler_optimize_warns_once_and_uses_todays_path(monkeypatch
         assert rel_err(opt(x), model(x)) < TOL
 
 
+def test_an_optimized_model_runs_where_the_kernels_cannot_be_built(monkeypatch, fresh_build):
+    op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))
+    fused = kernel_ops(op)[0]
+    calls = launched(monkeypatch)
+    build.reset()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # as if loaded on a machine without a compiler
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True), torch.no_grad():
+        warnings.simplefilter("always")
+        assert torch.equal(fused(x), op(x))
+        fused(x)
+    assert calls == []
+
+
 def test_switched_off_by_the_environment_quietly(monkeypatch, fresh_build):
     monkeypatch.setenv(build.DISABLE_ENV, "0")
     op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))

@@ -1,7 +1,6 @@
 """Build (once per source, torch version and ISA; cached on disk) and load leanconv's C++ CPU kernels."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -74,8 +73,7 @@ def _cpp_extension() -> ModuleType:
     return cpp_extension
 
 
-@functools.cache
-def _load() -> ModuleType:
+def _build() -> ModuleType:
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         raise BuildError(f"switched off by {DISABLE_ENV}=0")
     if _compiler() is None:
@@ -98,14 +96,26 @@ def _load() -> ModuleType:
         raise BuildError(f"the build failed ({first[:200]}); build log in {where}") from None
 
 
+_RESULT: ModuleType | BuildError | None = None  # the build's outcome in this process, once tried
+
+
 def load() -> ModuleType:
     """The compiled kernels (built on first use, then loaded from the cache).
 
     Raises:
         BuildError: where they cannot be built here (no compiler, no ninja, a failed build, or
-        switched off by ``LEANCONV_CPU_KERNELS=0``); the failure is remembered for the process.
+        switched off by ``LEANCONV_CPU_KERNELS=0``); the failure is remembered for the process
+        (never retried per call).
     """
-    return _load()
+    global _RESULT
+    if _RESULT is None:
+        try:
+            _RESULT = _build()
+        except BuildError as e:
+            _RESULT = e
+    if isinstance(_RESULT, BuildError):
+        raise _RESULT
+    return _RESULT
 
 
 _WARNED = False
@@ -128,6 +138,5 @@ def available() -> bool:
 
 def reset() -> None:
     """Forget the loaded (or failed) build and the warning (tests)."""
-    global _WARNED
-    _load.cache_clear()
-    _WARNED = False
+    global _RESULT, _WARNED
+    _RESULT, _WARNED = None, False

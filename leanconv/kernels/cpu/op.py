@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from leanconv.kernels.cpu import build
 from leanconv.optimize import ops
 from leanconv.optimize.ops import InferenceOp, fused_path
 
@@ -14,7 +15,8 @@ from leanconv.optimize.ops import InferenceOp, fused_path
 class CpuKernelOp(InferenceOp):
     """An op computed by one C++ kernel (a custom op). ``ref`` is the op it replaces: it holds the
     weights and the epilogue (``relu``, ``res_scale``) and runs wherever the kernel may not
-    (autograd, ``portable()``, ONNX export, tracing, other dtypes and devices: ``ops.fused_path``).
+    (autograd, ``portable()``, ONNX export, tracing, other dtypes and devices: ``ops.fused_path``;
+    a process where the kernels cannot be built).
     Under ``torch.compile`` / ``torch.export`` the kernel is one custom op. Subclasses set
     ``kernel`` (the custom op) and ``launch`` (the plain function it wraps, called directly in eager
     mode, which spares the dispatcher's overhead) and define ``repack`` (the kernel's operands from
@@ -29,6 +31,8 @@ class CpuKernelOp(InferenceOp):
         self.repack()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not build.available():  # e.g. a saved optimized model loaded where no compiler is
+            return self.ref(x, residual)
         if (torch.compiler.is_compiling() and x.is_cpu and x.dtype == torch.float32 and not x.requires_grad
                 and not getattr(ops._STATE, "portable", False)):
             return self.kernel(*self.kernel_args(x, residual))
