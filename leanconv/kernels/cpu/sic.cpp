@@ -1,6 +1,6 @@
 // SIC / unravelled layer on CPU in one pass: depthwise k x k (multiplier b) band of output rows by
-// band into a per-thread buffer that stays in L2, then the 1x1 projection as one GEMM on that
-// buffer, then bias / residual / ReLU on the output band while it is still in cache.
+// band into a per-thread buffer that stays in L2, then the 1x1 projection as a GEMM on that
+// buffer (our own micro-kernel) with bias / residual / ReLU applied as each output block is stored.
 // NHWC (channels_last) float32 in and out. Vectorized with GCC vector extensions: 16 floats per
 // vector (one zmm under -mavx512f, two ymm under -mavx2), the ISA chosen by the loader's flags.
 #include <torch/extension.h>
@@ -143,27 +143,6 @@ RowFn pick_row(int64_t kh, int64_t kw) {
   return dw_row<0, 0>;
 }
 
-// y[p, n] = relu?(y[p, n] + bias[n] + rs[n] * res[p, n]) over a band of P pixels.
-void epilogue(float* y, int64_t P, int64_t N, const float* bias, const float* rs, const float* res, bool relu) {
-  for (int64_t p = 0; p < P; ++p) {
-    float* yp = y + p * N;
-    const float* rp = res ? res + p * N : nullptr;
-    int64_t n = 0;
-    for (; n + 16 <= N; n += 16) {
-      v16 v = load<v16>(yp + n) + load<v16>(bias + n);
-      if (rp) v += (rs ? load<v16>(rs + n) : v16{} + 1.0f) * load<v16>(rp + n);
-      if (relu) v = v > 0.0f ? v : v16{};
-      store<v16>(yp + n, v);
-    }
-    for (; n < N; ++n) {
-      float v = yp[n] + bias[n];
-      if (rp) v += (rs ? rs[n] : 1.0f) * rp[n];
-      yp[n] = relu && v < 0.0f ? 0.0f : v;
-    }
-  }
-}
-
-
 // ---------------------------------------------------------------------------------- projection GEMM
 // y[p, n] = epilogue(sum_k a[p, k] * w[k, n]) on a band: a (P x K, row stride K) is the depthwise
 // band buffer, w is packed in panels of NR columns ((N / NR) x K x NR, zero-padded), so one
@@ -172,7 +151,7 @@ void epilogue(float* y, int64_t P, int64_t N, const float* bias, const float* rs
 #ifdef __AVX512F__
 constexpr int64_t NV = 2, MR = 8;   // 16 zmm accumulators
 #else
-constexpr int64_t NV = 1, MR = 6;   // 12 ymm pairs... one v16 is two ymm under AVX2
+constexpr int64_t NV = 1, MR = 6;   // 6 accumulator vectors: 12 ymm (a v16 is two ymm under AVX2)
 #endif
 constexpr int64_t NR = 16 * NV;
 
