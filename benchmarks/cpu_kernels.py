@@ -1,0 +1,174 @@
+"""Per-layer speed of the fused C++ CPU kernel (``leanconv.kernels.cpu``) against the dense 3x3 conv
+a SIC layer replaces and against the same layer as two library calls (oneDNN depthwise + 1x1),
+all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last float32.
+
+    python benchmarks/cpu_kernels.py --threads 1
+    python benchmarks/cpu_kernels.py --shapes 64x224x1,512x14x16 --multiplier 4 --threads 2
+    python benchmarks/cpu_kernels.py --demo 32 --threads 2      # the demo's network, original vs sic-m2
+    LEANCONV_CPU_KERNELS=0 python benchmarks/cpu_kernels.py ... # the same without the kernels
+    python benchmarks/cpu_kernels.py --network vgg16 --recipe sic-m2 --batch 1 --threads 1 --cpu-time
+        # whole network: original, converted without the kernels, converted with them, one process
+
+``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
+the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leanconv.methods.sic.cpu import CpuSplitOp  # noqa: E402
+from leanconv.measure.timing import time_interleaved  # noqa: E402
+from leanconv.optimize.memory import keep_freed_memory  # noqa: E402
+from leanconv.methods.split import SplitOp  # noqa: E402
+from leanconv.optimize.ops import ConvOp  # noqa: E402
+
+
+def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of thread CPU time per call of each function, interleaved, after 2 warm-ups."""
+    seen: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 2):
+        for name, fn in fns.items():
+            t = time.thread_time()
+            fn()
+            if r >= 2:
+                seen[name].append(time.thread_time() - t)
+    return {name: statistics.median(v) for name, v in seen.items()}
+
+
+def demo(batch: int, threads: int, repeats: int) -> int:
+    """The demo's network (``fmnist_resnet``, width 32, 28x28) and its data-free sic-m2 conversion."""
+    import warnings
+
+    import leanconv
+    from leanconv.demo.teacher import fmnist_resnet
+    from leanconv.measure.latency import time_models
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    orig = fmnist_resnet(width=32).eval()
+    x = torch.randn(batch, 1, 28, 28)
+    conv = leanconv.convert(orig, "sic-m2", x[:1])[0].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {name: leanconv.optimize(m, x, guard=False) for name, m in (("original", orig), ("sic-m2", conv))}
+    kernels = sum(type(m).__name__.startswith("Cpu") for m in models["sic-m2"].modules())
+    t = time_models(models, (1, 28, 28), batch, threads=threads, repeats=max(repeats, 20))
+    o, c = t["original"].median_ms, t["sic-m2"].median_ms
+    print(f"demo network, batch {batch}, {threads} threads, load {os.getloadavg()[0]:.2f}: original {o:.2f} ms, "
+          f"sic-m2 {c:.2f} ms ({o / c:.2f}x; {kernels} CPU-kernel ops kept); load after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_time: bool) -> int:
+    """Original, converted (library ops only) and converted (CPU kernels offered), each optimized at
+    ``batch``, timed interleaved in this process."""
+    import warnings
+
+    import torchvision
+
+    import leanconv
+    from leanconv.kernels.cpu import build
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        orig = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(batch, 3, 224, 224)
+        conv, plan = leanconv.convert(orig, recipe, x[:1])
+        models = {"original": leanconv.optimize(orig, x, guard=False)}
+        os.environ[build.DISABLE_ENV] = "0"
+        build.reset()
+        models["library"] = leanconv.optimize(conv, x, guard=False)
+        del os.environ[build.DISABLE_ENV]
+        build.reset()
+        models["kernels"] = leanconv.optimize(conv, x, guard=False)
+    kept = sum(isinstance(m, CpuSplitOp) for m in models["kernels"].modules())
+    xc = x.contiguous(memory_format=torch.channels_last)
+    fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
+    load = os.getloadavg()[0]
+    with torch.no_grad():
+        t = cpu_medians(fns, repeats) if cpu_time else {
+            k: v.median for k, v in time_interleaved(fns, repeats, 2).items()}
+    theory = plan.macs_before / plan.macs_after
+    clock = "thread CPU time" if cpu_time else "wall clock"
+    print(f"{name} {recipe} batch {batch}, {threads} threads, {clock}, load {load:.2f} -> {os.getloadavg()[0]:.2f}: "
+          f"original {t['original'] * 1e3:.1f} ms, converted {t['library'] * 1e3:.1f} ms without the kernels "
+          f"({t['original'] / t['library']:.2f}x, realized {t['original'] / t['library'] / theory:.2f}), "
+          f"{t['kernels'] * 1e3:.1f} ms with them ({t['original'] / t['kernels']:.2f}x, realized "
+          f"{t['original'] / t['kernels'] / theory:.2f}; {kept} kernel ops kept); theoretical {theory:.2f}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="64x224x1,128x112x1,256x56x1,512x28x1,512x14x1,64x224x16,256x56x16,512x14x16",
+                    help="channels x size x batch, comma-separated")
+    ap.add_argument("--multiplier", type=int, default=1, help="depthwise multiplier b (unravelled layers)")
+    ap.add_argument("--kernel", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the thread's CPU time, not the wall clock (with --threads 1: the time the "
+                         "calling thread computed, whatever else the machine ran meanwhile)")
+    ap.add_argument("--demo", type=int, default=0, metavar="BATCH",
+                    help="instead: the demo's Fashion-MNIST network (random weights) against its sic-m2 "
+                         "conversion, both optimized at this batch size, timed interleaved")
+    ap.add_argument("--network", help="instead: this torchvision model (random weights), original against its "
+                                       "conversion by --recipe, optimized without and with the CPU kernels")
+    ap.add_argument("--recipe", default="sic-m2")
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args()
+    if a.network:
+        if a.cpu_time and a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+        return network(a.network, a.recipe, a.batch, a.threads, a.repeats, a.cpu_time)
+    if a.demo:
+        return demo(a.demo, a.threads, a.repeats)
+    if a.cpu_time and a.threads != 1:
+        ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k, b = a.kernel, a.multiplier
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, depthwise {k}x{k} multiplier {b}, load {os.getloadavg()[0]:.2f}; ms per call "
+          "(median)")
+    print("| channels x size x batch | dense kxk | library dw + 1x1 | fused (cpu:sic) | fused vs library | "
+          "theory | realized, library | realized, fused |")
+    print("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        dense = ConvOp(torch.randn(n, n, k, k, generator=g).contiguous(memory_format=cl), torch.randn(n, generator=g),
+                       padding=k // 2, relu=True)
+        split = SplitOp(ConvOp(torch.randn(n * b, 1, k, k, generator=g).contiguous(memory_format=cl), None,
+                               padding=k // 2, groups=n),
+                        ConvOp(torch.randn(n, n * b, 1, 1, generator=g).contiguous(memory_format=cl),
+                               torch.randn(n, generator=g), relu=True))
+        fused = CpuSplitOp(split)
+        fns = {"dense": lambda: dense(x), "split": lambda: split(x), "fused": lambda: fused(x)}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        theory = (n * k * k) / (b * (k * k + n))
+        r = {name: t["dense"] / t[name] / theory for name in ("split", "fused")}
+        print(f"| {spec} | {t['dense'] * 1e3:.2f} | {t['split'] * 1e3:.2f} | {t['fused'] * 1e3:.2f} | "
+              f"{t['split'] / t['fused']:.2f}x | {theory:.2f} | {r['split']:.2f} | {r['fused']:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

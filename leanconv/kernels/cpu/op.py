@@ -1,0 +1,72 @@
+"""The module base every CPU-kernel op shares: the op it replaces (``ref``) holds the weights and
+the epilogue and runs wherever the kernel may not."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from leanconv.kernels.cpu import build
+from leanconv.optimize import ops
+from leanconv.optimize.ops import InferenceOp, fused_path
+
+
+class CpuKernelOp(InferenceOp):
+    """An op computed by one C++ kernel (a custom op). ``ref`` is the op it replaces: it holds the
+    weights and the epilogue (``relu``, ``res_scale``) and runs wherever the kernel may not
+    (autograd, ``portable()``, ONNX export, tracing, other dtypes and devices: ``ops.fused_path``;
+    a process where the kernels cannot be built).
+    Under ``torch.compile`` / ``torch.export`` the kernel is one custom op. Subclasses set
+    ``kernel`` (the custom op) and ``launch`` (the plain function it wraps, called directly in eager
+    mode, which spares the dispatcher's overhead) and define ``repack`` (the kernel's operands from
+    ``ref``, again after every change of the weights) and ``kernel_args``."""
+
+    kernel: Callable[..., Tensor]
+    launch: Callable[..., Tensor]
+
+    def __init__(self, ref: InferenceOp) -> None:
+        super().__init__()
+        self.ref = ref
+        self.repack()
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not build.available():  # e.g. a saved optimized model loaded where no compiler is
+            return self.ref(x, residual)
+        if (torch.compiler.is_compiling() and x.is_cpu and x.dtype == torch.float32 and not x.requires_grad
+                and not getattr(ops._STATE, "portable", False)):
+            return self.kernel(*self.kernel_args(x, residual))
+        if not fused_path(x):
+            return self.ref(x, residual)
+        return self.launch(*self.kernel_args(x, residual))
+
+    def repack(self) -> None:
+        raise NotImplementedError
+
+    def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
+        raise NotImplementedError
+
+    relu = property(lambda self: self.ref.relu, lambda self, v: setattr(self.ref, "relu", v))
+    res_scale = property(lambda self: self.ref.res_scale, lambda self, v: setattr(self.ref, "res_scale", v))
+
+    @property
+    def in_channels(self) -> int:
+        return self.ref.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.ref.out_channels
+
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        self.ref.scale_output(a, b)
+        self.repack()
+
+    def scale_input(self, s: Tensor) -> None:
+        self.ref.scale_input(s)
+        self.repack()
+
+    def dense_kernel(self):
+        return self.ref.dense_kernel()
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl_name()}"

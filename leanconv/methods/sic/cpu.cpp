@@ -1,0 +1,328 @@
+// SIC / unravelled layer on CPU in one pass: depthwise k x k (multiplier b) band of output rows by
+// band into a per-thread buffer that stays in L2, then the 1x1 projection as a GEMM on that
+// buffer (our own micro-kernel) with bias / residual / ReLU applied as each output block is stored.
+// NHWC (channels_last) float32 in and out. Vectorized with GCC vector extensions: 16 floats per
+// vector (one zmm under -mavx512f, two ymm under -mavx2), the ISA chosen by the loader's flags.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+template <typename V>
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Geometry of one depthwise step.
+struct Dw {
+  int64_t H, W, C, b;        // input size, channels, multiplier
+  int64_t OH, OW;            // output size
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// The input rows one output row reads, which of them exist, and the output columns whose every
+// tap lies inside the row ([lo, hi): the fast interior; the rest are edges).
+struct RowPlan {
+  const float* rows[64];
+  bool full;        // every row present
+  int64_t lo, hi;
+};
+
+inline RowPlan plan_row(const float* x, const Dw& g, int64_t oh) {
+  RowPlan p;
+  p.full = true;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+    p.rows[i] = (ih >= 0 && ih < g.H) ? x + ih * g.W * g.C : nullptr;
+    p.full = p.full && p.rows[i];
+  }
+  const int64_t lo = std::min((g.pw + g.sw - 1) / g.sw, g.OW);
+  const int64_t last = g.W - 1 - (g.kw - 1) * g.dw + g.pw;  // interior: ow * sw <= last
+  const int64_t hi = last < 0 ? 0 : std::min(g.OW, last / g.sw + 1);
+  p.lo = lo;
+  p.hi = std::max(hi, lo);
+  return p;
+}
+
+// Depthwise outputs for channels [c, c + width(V)) of multiplier slot r:
+// out[ow * ldo + r * C + c] = sum_taps x[ih, iw, c] * w[r, tap, c]. KH_/KW_ > 0: compile-time
+// kernel size (taps unrolled, weights held in registers).
+template <typename V, int KH_, int KW_>
+struct DwChunk {
+  const RowPlan& p;
+  const Dw& g;
+  const float* w;   // w[r, tap, c] for this (r, c): tap t at w + t * C
+  float* o;         // out + r * C + c
+  int64_t ldo, c;
+
+  int64_t KH() const { return KH_ ? KH_ : g.kh; }
+  int64_t KW() const { return KW_ ? KW_ : g.kw; }
+
+  // one output with bounds checks (edges, and rows cut by the padding)
+  void edge(int64_t ow) const {
+    V acc = {};
+    const int64_t base = ow * g.sw - g.pw;
+    for (int64_t i = 0; i < KH(); ++i) {
+      if (!p.rows[i]) continue;
+      for (int64_t j = 0; j < KW(); ++j) {
+        const int64_t iw = base + j * g.dw;
+        if (iw >= 0 && iw < g.W) acc += load<V>(p.rows[i] + iw * g.C + c) * load<V>(w + (i * KW() + j) * g.C);
+      }
+    }
+    store<V>(o + ow * ldo, acc);
+  }
+
+  // U interior outputs from ow on: U independent accumulators hide the FMA latency (one chain of
+  // KH*KW dependent FMAs per output runs at a fraction of the FMA units' rate)
+  template <int U>
+  void block(int64_t ow) const {
+    const int64_t off = (ow * g.sw - g.pw) * g.C + c, step = g.sw * g.C;
+    V acc[U] = {};
+    for (int64_t i = 0; i < KH(); ++i) {
+      const float* xr = p.rows[i] + off;
+      for (int64_t j = 0; j < KW(); ++j) {
+        const V t = load<V>(w + (i * KW() + j) * g.C);
+        const float* xj = xr + j * g.dw * g.C;
+        for (int u = 0; u < U; ++u) acc[u] += load<V>(xj + u * step) * t;
+      }
+    }
+    for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
+  }
+};
+
+// One output row (image-local row oh) of the depthwise step, every channel and multiplier slot,
+// into out (OW x ldo). Interior columns go in blocks of U outputs, all channels of a block before
+// the next, so the block's input window (KH rows x (U*sw + KW) pixels x C) is read from L1.
+template <int KH_, int KW_>
+void dw_row(const float* x, const float* w, float* out, int64_t ldo, const Dw& g, int64_t oh) {
+  constexpr int U = 8;
+  const RowPlan p = plan_row(x, g, oh);
+  const int64_t C = g.C, ntaps = g.kh * g.kw, cv = C / 16 * 16;
+  auto each = [&](auto&& fn) {  // fn(chunk of 16 | scalar channel, r, c)
+    for (int64_t r = 0; r < g.b; ++r) {
+      for (int64_t c = 0; c < cv; c += 16)
+        fn(DwChunk<v16, KH_, KW_>{p, g, w + r * ntaps * C + c, out + r * C + c, ldo, c});
+      for (int64_t c = cv; c < C; ++c)
+        fn(DwChunk<float, KH_, KW_>{p, g, w + r * ntaps * C + c, out + r * C + c, ldo, c});
+    }
+  };
+  if (!p.full) {
+    each([&](const auto& k) { for (int64_t ow = 0; ow < g.OW; ++ow) k.edge(ow); });
+    return;
+  }
+  each([&](const auto& k) {
+    for (int64_t ow = 0; ow < p.lo; ++ow) k.edge(ow);
+    for (int64_t ow = p.hi; ow < g.OW; ++ow) k.edge(ow);
+  });
+  int64_t ow = p.lo;
+  for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block<U>(ow); });
+  for (; ow < p.hi; ++ow) each([&](const auto& k) { k.template block<1>(ow); });
+}
+
+using RowFn = void (*)(const float*, const float*, float*, int64_t, const Dw&, int64_t);
+
+RowFn pick_row(int64_t kh, int64_t kw) {
+  if (kh == 3 && kw == 3) return dw_row<3, 3>;
+  if (kh == 5 && kw == 5) return dw_row<5, 5>;
+  if (kh == 7 && kw == 7) return dw_row<7, 7>;
+  return dw_row<0, 0>;
+}
+
+// ---------------------------------------------------------------------------------- projection GEMM
+// y[p, n] = epilogue(sum_k a[p, k] * w[k, n]) on a band: a (P x K, row stride K) is the depthwise
+// band buffer, w is packed in panels of NR columns ((N / NR) x K x NR, zero-padded), so one
+// MR x NR block of y is MR * NV accumulator vectors fed by one broadcast per row and NV loads per k.
+// MKL's sgemm runs at half this CPU's AVX-512 rate here (AVX2 code on AMD), so the band GEMM is ours.
+#ifdef __AVX512F__
+constexpr int64_t NV = 2, MR = 8;   // 16 zmm accumulators
+#else
+constexpr int64_t NV = 1, MR = 6;   // 6 accumulator vectors: 12 ymm (a v16 is two ymm under AVX2)
+#endif
+constexpr int64_t NR = 16 * NV;
+
+struct Epilogue {
+  const float* bias;   // (N,)
+  const float* rs;     // (N,) or null: residual scale
+  const float* res;    // band's residual rows (P x N) or null
+  bool relu;
+};
+
+template <int64_t ROWS>
+inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
+                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+  v16 acc[ROWS][NV];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 b[NV];
+    for (int64_t v = 0; v < NV; ++v) b[v] = load<v16>(wp + k * NR + 16 * v);
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const v16 x = v16{} + a[r * lda + k];
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] += x * b[v];
+    }
+  }
+  for (int64_t r = 0; r < ROWS; ++r) {
+    float* yr = y + r * ldy + n0;
+    const float* rr = e.res ? e.res + (p0 + r) * ldy + n0 : nullptr;
+    if (ncols == NR) {
+      for (int64_t v = 0; v < NV; ++v) {
+        v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
+        if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
+        if (e.relu) o = o > 0.0f ? o : v16{};
+        store<v16>(yr + 16 * v, o);
+      }
+    } else {  // the last panel of an N that is not a multiple of NR
+      float tmp[NR];
+      for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
+      for (int64_t j = 0; j < ncols; ++j) {
+        float o = tmp[j] + e.bias[n0 + j];
+        if (rr) o += (e.rs ? e.rs[n0 + j] : 1.0f) * rr[j];
+        yr[j] = e.relu && o < 0.0f ? 0.0f : o;
+      }
+    }
+  }
+}
+
+template <int64_t R>
+inline void gemm_tail(int64_t rows, const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
+                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+  if constexpr (R > 0) {
+    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+  }
+}
+
+// y (P x N, row stride N) = epilogue(a (P x K) @ w), w packed by pack_projection.
+void band_gemm(const float* a, int64_t P, int64_t K, const float* wp, int64_t N, float* y, const Epilogue& e) {
+  const int64_t panels = (N + NR - 1) / NR;
+  for (int64_t j = 0; j < panels; ++j) {
+    const float* wj = wp + j * K * NR;
+    const int64_t n0 = j * NR, ncols = std::min(NR, N - n0);
+    int64_t p = 0;
+    for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+    if (p < P) gemm_tail<MR - 1>(P - p, a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+  }
+}
+
+struct Buffer {  // one per thread, grown on demand, 64-byte aligned
+  float* data = nullptr;
+  size_t size = 0;
+  float* get(size_t n) {
+    if (n > size) {
+      std::free(data);
+      size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+      data = static_cast<float*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(data != nullptr, "leanconv cpu kernel: out of memory for a band buffer");
+      size = n;
+    }
+    return data;
+  }
+  ~Buffer() { std::free(data); }
+};
+
+thread_local Buffer band_buffer;
+
+at::Tensor nhwc(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+// relu?(project(depthwise(x)) + bias + res_scale * residual), NHWC in and out.
+//   x: (B, C, H, W) float32; dw: (b, kh*kw, C) depthwise filters, multiplier slot r major;
+//   weight: (b*C, N) projection, row r*C + i for depthwise channel (i, r); bias: (N,) (the
+//   depthwise bias already folded in); res_scale: (N,) or undefined; residual: (B, N, OH, OW) or
+//   undefined. band_bytes: the per-thread depthwise buffer's target size.
+at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::Tensor& weight, const at::Tensor& bias,
+                       const c10::optional<at::Tensor>& res_scale, const c10::optional<at::Tensor>& residual,
+                       std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                       std::vector<int64_t> dilation, bool relu, int64_t band_bytes) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "leanconv cpu sic: x must be a 4-D float32 CPU tensor");
+  TORCH_CHECK(dw.dim() == 3 && bias.dim() == 1, "leanconv cpu sic: bad packed operands");
+  at::Tensor x = nhwc(x_in);
+  Dw g;
+  g.H = x.size(2); g.W = x.size(3); g.C = x.size(1); g.b = dw.size(0);
+  g.kh = kernel[0]; g.kw = kernel[1]; g.sh = stride[0]; g.sw = stride[1];
+  g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
+  TORCH_CHECK(dw.size(1) == g.kh * g.kw && dw.size(2) == g.C, "leanconv cpu sic: depthwise filters do not match x");
+  TORCH_CHECK(g.kh <= 64, "leanconv cpu sic: kernel too tall");
+  const int64_t K = g.b * g.C, N = bias.size(0);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == (N + NR - 1) / NR && weight.size(1) == K && weight.size(2) == NR,
+              "leanconv cpu sic: the projection is not packed for this build (pack_projection)");
+  g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  const int64_t B = x.size(0);
+  at::Tensor y = at::empty({B, N, std::max<int64_t>(g.OH, 0), std::max<int64_t>(g.OW, 0)},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (B == 0 || g.OH <= 0 || g.OW <= 0) return y;
+  at::Tensor res, rs;
+  if (residual.has_value() && residual->defined()) {
+    res = nhwc(*residual);
+    TORCH_CHECK(res.sizes() == y.sizes(), "leanconv cpu sic: residual shape ", res.sizes(), " != output ", y.sizes());
+    if (res_scale.has_value() && res_scale->defined()) rs = res_scale->contiguous();
+  }
+  at::Tensor wc = weight.contiguous(), dwc = dw.contiguous(), bc = bias.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = dwc.data_ptr<float>();
+  const float* bp = bc.data_ptr<float>();
+  const float* wp_packed = wc.data_ptr<float>();
+  const float* rsp = rs.defined() ? rs.data_ptr<float>() : nullptr;
+  const float* resp = res.defined() ? res.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+
+  const int64_t rows_total = B * g.OH;
+  const int64_t row_bytes = g.OW * K * (int64_t)sizeof(float);
+  int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t threads = at::get_num_threads();
+  // at least two bands per thread where there are rows enough (load balance)
+  rpb = std::min(rpb, std::max<int64_t>(1, (rows_total + 2 * threads - 1) / (2 * threads)));
+  const int64_t nbands = (rows_total + rpb - 1) / rpb;
+  RowFn row = pick_row(g.kh, g.kw);
+  const int64_t img = g.H * g.W * g.C;
+
+  at::parallel_for(0, nbands, 1, [&](int64_t first, int64_t end) {
+    float* buf = band_buffer.get(rpb * g.OW * K);
+    for (int64_t band = first; band < end; ++band) {
+      const int64_t r0 = band * rpb, r1 = std::min(rows_total, r0 + rpb);
+      const int64_t P = (r1 - r0) * g.OW;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.OH, oh = r % g.OH;
+        row(xp + n * img, wp, buf + (r - r0) * g.OW * K, K, g, oh);
+      }
+      float* yb = yp + r0 * g.OW * N;
+      Epilogue e{bp, rsp, resp ? resp + r0 * g.OW * N : nullptr, relu};
+      band_gemm(buf, P, K, wp_packed, N, yb, e);
+    }
+  });
+  return y;
+}
+
+// (ceil(N / NR), K, NR): the projection (K, N) in panels of NR columns, zero-padded, for band_gemm.
+at::Tensor pack_projection(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "leanconv cpu: the projection must be (K, N) float32");
+  const int64_t K = w.size(0), N = w.size(1), panels = (N + NR - 1) / NR;
+  at::Tensor padded = at::zeros({K, panels * NR}, w.options());
+  padded.narrow(1, 0, N).copy_(w);
+  return padded.view({K, panels, NR}).permute({1, 0, 2}).contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_projection", &pack_projection, "the projection in the GEMM's panel layout");
+  m.def("sic_forward", &sic_forward, "fused depthwise + 1x1 projection + epilogue, band by band (NHWC float32)");
+}

@@ -1,0 +1,327 @@
+"""Fused C++ CPU kernels against the layers they replace (float32, relative error < 1e-5 against
+float64), their fallbacks, their custom ops, and optimize's use of them.
+
+The kernels are built once per source, torch version and ISA (about half a minute the first time,
+then loaded from the user's cache directory)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import leanconv
+from leanconv.demo.teacher import fmnist_resnet
+from leanconv.kernels.cpu import build, cpu_alternatives
+from leanconv.kernels.cpu.op import CpuKernelOp
+from leanconv.methods.sic.cpu import CpuSplitOp
+from leanconv.methods import SICLayer, SICStack, TopoConv2d, Topology, UnraveledConv
+from leanconv.optimize import autotune, portable
+from leanconv.optimize.freeze import alternatives, freeze
+from leanconv.methods.split import SplitOp
+from leanconv.optimize.ops import StackOp
+
+pytestmark = pytest.mark.skipif(not build.available(), reason="the CPU kernels cannot be built here")
+TOL = 1e-5
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def randomized(layer: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        for m in layer.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return layer.eval()
+
+
+def kernel_ops(op) -> list[CpuKernelOp]:
+    """The CPU-kernel alternatives ``optimize`` is offered for ``op`` (through freeze.alternatives)."""
+    found = [a for a in alternatives(op) if isinstance(a, CpuKernelOp)]
+    assert found, f"no CPU kernel offered for {op.impl_name()}"
+    return found
+
+
+def launched(monkeypatch) -> list:
+    """Records every direct kernel launch (so a test knows the kernel ran, not its fallback)."""
+    calls = []
+    real = CpuSplitOp.launch
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(CpuSplitOp, "launch", staticmethod(counting))
+    return calls
+
+
+def check(layer: nn.Module, shape, epilogues, monkeypatch, band_bytes=None) -> None:
+    """Every CPU-kernel alternative of ``layer`` frozen, against the layer in float64, per (residual, relu)."""
+    calls = launched(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        out_shape = layer(x).shape
+    for residual, relu in epilogues:
+        res = torch.randn(out_shape, generator=g) if residual else None
+        scale = torch.rand(out_shape[1], generator=g) + 0.5
+        op = freeze(layer)
+        op.relu = relu
+        if residual:
+            op.res_scale = scale.clone()
+        with torch.no_grad():
+            ref = copy.deepcopy(layer).double()(x.double())
+            if residual:
+                ref = ref + res.double() * scale.double().view(1, -1, 1, 1)
+            ref = F.relu(ref) if relu else ref
+        for f in kernel_ops(op):
+            if band_bytes is not None:
+                f.band_bytes = band_bytes
+            n = len(calls)
+            with torch.no_grad():
+                y = f(x.contiguous(memory_format=torch.channels_last),
+                      None if res is None else res.contiguous(memory_format=torch.channels_last))
+            assert len(calls) == n + 1, "the kernel did not run"
+            assert y.dtype == torch.float32 and y.shape == ref.shape
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            err = rel_err(y, ref)
+            assert err < TOL, f"{f.impl_name()} residual={residual} relu={relu}: rel err {err:.2e}"
+
+
+ALL_EPILOGUES = ((False, False), (True, True), (True, False), (False, True))
+SIC_CASES = {  # in, out, k, stride, padding, dilation, multiplier b, (H, W), batch
+    "3x3-odd-channels": (20, 24, 3, 1, 1, 1, 1, (7, 9), 2),
+    "3x3-vector-and-tail-channels": (37, 21, 3, 1, 1, 1, 1, (11, 13), 1),
+    "5x5-stride2-batch1": (19, 33, 5, 2, 2, 1, 1, (9, 7), 1),
+    "3x3-stride2-unpadded": (32, 16, 3, 2, 0, 1, 1, (8, 7), 2),
+    "3x3-stride2-even": (48, 40, 3, 2, 1, 1, 1, (16, 10), 1),
+    "1-pixel-map": (16, 24, 3, 1, 1, 1, 1, (1, 1), 3),
+    "1-pixel-map-5x5-b4": (5, 7, 5, 1, 2, 1, 4, (1, 1), 1),
+    "1-row": (17, 9, 3, 1, 1, 1, 1, (1, 12), 2),
+    "unravel-b4-dilated": (12, 20, 3, 1, 2, 2, 4, (7, 7), 1),
+    "unravel-b2-5x5": (10, 18, 5, 1, 2, 1, 2, (5, 7), 1),
+    "unravel-b4-stride2": (16, 32, 3, 2, 1, 1, 4, (9, 9), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(SIC_CASES))
+def test_sic_kernel_matches_the_layer(case, monkeypatch):
+    ci, co, k, s, p, d, b, hw, batch = SIC_CASES[case]
+    layer = SICLayer(ci, co, k, s, p, d) if b == 1 else UnraveledConv(ci, co, k, b, s, p, d)
+    check(randomized(layer), (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_bands_and_threads(threads, monkeypatch):
+    """Bands of one row (a tiny band buffer) and of many, split over threads and images alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = randomized(SICLayer(40, 36, 3, 1, 1))
+        for band in (1, 1 << 20):
+            check(layer, (3, 40, 13, 11), ((True, True),), monkeypatch, band_bytes=band)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_topological_projection_runs_as_its_dense_matrix(monkeypatch):
+    layer = randomized(SICLayer(32, 32, 3, 1, 1, topology=Topology.auto(32, 32, 2)))
+    check(layer, (2, 32, 5, 6), ((True, True),), monkeypatch)
+
+
+def test_stack_with_folded_norms_and_residuals(monkeypatch):
+    stack = randomized(SICStack.from_conv(nn.Conv2d(24, 24, 3, padding=1), depth=3, norm=True))
+    x = torch.randn(2, 24, 6, 7)
+    with torch.no_grad():
+        ref = stack.double()(x.double())
+    frozen = freeze(stack.float())
+    assert any(frozen.residual), "the case should have a residual"
+    calls = launched(monkeypatch)
+    fused = StackOp([kernel_ops(op)[0] for op in frozen.ops], frozen.residual)
+    with torch.no_grad():
+        y = fused(x.contiguous(memory_format=torch.channels_last))
+    assert len(calls) == 3 and rel_err(y, ref) < TOL
+
+
+def test_weights_changed_after_freezing_are_repacked():
+    layer = randomized(SICLayer(16, 16, 3, 1, 1))
+    op, fused = freeze(layer), kernel_ops(freeze(layer))[0]
+    a, b, s = torch.rand(16) + 0.5, torch.randn(16), torch.rand(16) + 0.5
+    for o in (op, fused):  # BatchNorm folding after freezing
+        o.scale_output(a, b)
+        o.scale_input(s)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_err(fused(x), op(x)) < TOL
+
+
+def test_offered_only_where_the_kernel_computes_the_op():
+    op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))
+    assert [f.impl_name() for f in cpu_alternatives(op)] == ["cpu:sic"]
+    assert cpu_alternatives(copy.deepcopy(op).double()) == [], "float32 only"
+    reflect = freeze(randomized(SICLayer(16, 16, 3, 1, 1, padding_mode="reflect")))
+    assert cpu_alternatives(reflect) == [], "padding_mode='reflect' is not fused"
+    grouped = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), padding=1)))
+    assert cpu_alternatives(grouped) == []
+    assert cpu_alternatives(cpu_alternatives(op)[0]) == [], "a kernel op is not fused again"
+
+
+def test_portable_export_and_autograd_use_the_standard_ops(monkeypatch):
+    op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))
+    fused = kernel_ops(op)[0]
+    calls = launched(monkeypatch)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = op(x)
+        with portable():
+            program = torch.export.export(fused, (x,))
+            y_portable = fused(x)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("leanconv" in t for t in targets), targets
+    assert torch.equal(y_portable, ref)
+    xg = x.clone().requires_grad_()
+    fused(xg).sum().backward()  # fine-tuning's path: the unfused ops, differentiable
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert calls == [], "portable, export and autograd must not launch the kernel"
+
+
+def test_compile_and_export_see_one_custom_op_per_layer():
+    stack = randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2))
+    frozen = freeze(stack)
+    fused = StackOp([kernel_ops(op)[0] for op in frozen.ops], frozen.residual)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with torch.no_grad():
+        y = torch.compile(fused, backend=backend, fullgraph=True)(x)
+        program = torch.export.export(fused, (x,))
+        ref = frozen(x)
+    calls = [n.target for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is not getattr]
+    assert calls.count(torch.ops.leanconv.cpu_sic_layer.default) == 2 and len(calls) == 2, calls
+    exported = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert exported.count(torch.ops.leanconv.cpu_sic_layer.default) == 2, exported
+    assert rel_err(y, ref) < TOL
+
+
+def test_fake_implementation_checks_out():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = freeze(randomized(UnraveledConv(16, 24, 3, 2, 2, 1)))
+    op.relu = True
+    fused = kernel_ops(op)[0]
+    x = torch.randn(1, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = fused(x)
+        args = fused.kernel_args(x, torch.randn_like(out))
+        torch.library.opcheck(fused.kernel, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    with FakeTensorMode() as mode:
+        fake = fused.kernel(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    assert (fake.shape, fake.stride(), fake.dtype) == (out.shape, out.stride(), out.dtype)
+
+
+# --------------------------------------------------------------------------- no compiler
+
+@pytest.fixture
+def fresh_build():
+    build.reset()
+    yield
+    build.reset()
+
+
+def test_without_a_compiler_optimize_warns_once_and_uses_todays_path(monkeypatch, fresh_build):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    model = randomized(nn.Sequential(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2), nn.ReLU()))
+    x = torch.randn(2, 16, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = leanconv.optimize(model, x, repeats=1, guard=False)
+        leanconv.optimize(model, x, repeats=1, guard=False)
+    said = [str(w.message) for w in caught if "CPU kernels" in str(w.message)]
+    assert len(said) == 1 and "no C++ compiler" in said[0] and "\n" not in said[0], said
+    assert not any(isinstance(m, CpuKernelOp) for m in opt.modules())
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) < TOL
+
+
+def test_an_optimized_model_runs_where_the_kernels_cannot_be_built(monkeypatch, fresh_build):
+    op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))
+    fused = kernel_ops(op)[0]
+    calls = launched(monkeypatch)
+    build.reset()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # as if loaded on a machine without a compiler
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True), torch.no_grad():
+        warnings.simplefilter("always")
+        assert torch.equal(fused(x), op(x))
+        fused(x)
+    assert calls == []
+
+
+def test_switched_off_by_the_environment_quietly(monkeypatch, fresh_build):
+    monkeypatch.setenv(build.DISABLE_ENV, "0")
+    op = freeze(randomized(SICLayer(16, 16, 3, 1, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_alternatives(op) == []
+
+
+def test_a_failed_build_is_one_line(monkeypatch, fresh_build, tmp_path):
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(build, "SOURCES", (str(bad),))
+    monkeypatch.setenv("LEANCONV_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.BuildError) as e:
+        build.load()
+    assert "\n" not in str(e.value) and "build failed" in str(e.value)
+
+
+# --------------------------------------------------------------------------- optimize
+
+RECIPES = [r.name for r in leanconv.list_recipes()]
+
+
+@pytest.fixture
+def prefer_kernels(monkeypatch):
+    """optimize times everything as usual, then keeps a CPU-kernel candidate wherever there is one."""
+    real = autotune._fastest
+
+    def prefer(fns, *args):
+        best, seconds = real(fns, *args)
+        kernel = [i for i, fn in enumerate(fns) if isinstance((fn.__defaults__ or (None,))[0], CpuKernelOp)]
+        return (kernel[0] if kernel else best), seconds
+
+    monkeypatch.setattr(autotune, "_fastest", prefer)
+    autotune.clear_timings()
+    yield
+    autotune.clear_timings()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_optimized_with_the_kernels_keeps_its_outputs(recipe, prefer_kernels, one_thread):
+    torch.manual_seed(0)
+    base = randomized(fmnist_resnet(width=16))
+    x = torch.randn(2, 1, 28, 28)
+    model = randomized(leanconv.convert(base, recipe, x[:1])[0])
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        model.float()
+        opt = leanconv.optimize(model, x, repeats=1, guard=False)
+        y = opt(x)
+    kept = [m for m in opt.modules() if isinstance(m, CpuKernelOp)]
+    offered = [c for c in leanconv.implementation_choices(opt) if "cpu:sic" in dict(c.timings)]
+    assert len(kept) == len(offered)
+    if recipe.startswith(("sic", "unravel")):
+        assert kept, f"{recipe}: no CPU kernel kept"
+    assert rel_err(y, ref) < TOL, f"{recipe}: rel err {rel_err(y, ref):.2e}"
