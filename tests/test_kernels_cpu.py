@@ -280,7 +280,7 @@ def test_switched_off_by_the_environment_quietly(monkeypatch, fresh_build):
 def test_a_failed_build_is_one_line(monkeypatch, fresh_build, tmp_path):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(build, "SOURCES", (str(bad),))
+    monkeypatch.setattr(build, "SOURCES", [bad])
     monkeypatch.setenv("LEANCONV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(build.BuildError) as e:
         build.load()
