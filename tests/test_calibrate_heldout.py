@@ -17,7 +17,7 @@ from leanconv.methods import UnraveledConv
 from leanconv.methods.topo.projection import projection_matrix
 from leanconv.recipes import list_recipes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # networks trained here, every recipe
 
 
 class VGG(nn.Module):

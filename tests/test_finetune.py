@@ -330,6 +330,7 @@ except Interrupted as e:
 """
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_whole_process_group_with_workers_then_resume_gives_identical_weights(tmp_path):
     """As SLURM does: every process of the job, DataLoader workers included, gets the SIGTERM."""
     expected, _ = _uninterrupted(tmp_path, workers=2)
@@ -523,6 +524,7 @@ def check_ddp_run(tmp_path: Path, out: str, world: int) -> None:
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank0_writes(tmp_path):
     out = run_ddp_worker(tmp_path, 2, "cpu")
     check_ddp_run(tmp_path, out, 2)

@@ -23,7 +23,8 @@ try:
     HAVE_DATA = True
 except leanconv.DataError:
     HAVE_DATA = False
-pytestmark = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"),
+              pytest.mark.slow]  # whole runs
 
 
 def _config(tmp: Path, out: str = "run") -> RunConfig:

@@ -18,6 +18,7 @@ def test_readme_has_one_python_example():
     assert len(python_blocks()) == 1
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_as_written(tmp_path):
     from leanconv.data import find_fashion_mnist
     from leanconv.errors import DataError

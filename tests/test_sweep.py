@@ -13,7 +13,7 @@ from leanconv.recipes import get_recipe
 from leanconv.sweep import pareto_front, read_sweep, recipe_runs, sweep, sweep_runs
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # whole runs
 
 
 # --------------------------------------------------------------------------- Pareto math
