@@ -86,7 +86,7 @@ class RunConfig:
                 raise ModelError(f"field 'data' should be a data spec string, got {d['data']!r:.80}")
             select = d.get("select")
             batches = d.get("report_batches", [1, 32])
-            return cls(source, Recipe.from_dict(d["recipe"]), d["data"], out, d["input_size"], d["in_chans"],
+            return cls(source, Recipe.from_dict(_upgraded(d["recipe"])), d["data"], out, d["input_size"], d["in_chans"],
                        Selection.from_dict(select) if select else None, d.get("target_macs"),
                        d.get("train_images"), d.get("eval_images"),
                        tuple(batches) if isinstance(batches, list) else batches,
@@ -122,6 +122,19 @@ class RunConfig:
             more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
             raise ConfigError(f"--resume {where}: {what} was started with other settings ({shown}{more}); use the "
                               f"same arguments or another --out")
+
+
+def _upgraded(recipe: object) -> object:
+    """A saved recipe in today's terms: calibration settings an older leanconv wrote and this one
+    removed (``schedule = "auto"``, which this leanconv runs as the exact cascade it now always
+    uses, and ``layerwise_budget``) are read as today's default. A recipe a user writes still gets
+    the error that says they were removed."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("calibration"), dict):
+        return recipe
+    cal = {k: v for k, v in recipe["calibration"].items() if k != "layerwise_budget"}
+    if cal.get("schedule") in ("auto", "AUTO"):
+        cal["schedule"] = "layerwise"
+    return {**recipe, "calibration": cal}
 
 
 def _canonical(d: dict) -> dict:

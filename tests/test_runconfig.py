@@ -57,8 +57,13 @@ def test_a_sweep_json_of_an_older_leanconv_loads_as_it_was_started(tmp_path):
     want = dataclasses.replace(legacy_config(tmp_path / "sic-m2"),
                                recipe=leanconv.get_recipe("sic-m2").with_overrides({"finetune": {"epochs": 0.5}}))
     assert runs[0] == want
+    # written back in today's form (the removed calibration settings read as today's default), which reads back the same
+    again = [RunConfig.from_dict({k: v for k, v in run_to_dict(c).items() if k != "dir"}, c.out, "sweep.json")
+             for c in runs]
+    assert again == runs
     saved = json.loads((DATA / "legacy-sweep.json").read_text())["runs"]
-    assert [run_to_dict(c) for c in runs] == saved  # written back the same
+    assert saved[0]["recipe"]["calibration"]["schedule"] == "auto"
+    assert runs[0].recipe.calibration.schedule.value == "layerwise"
 
 
 def test_resume_accepts_what_differs_only_in_form(legacy_run):
