@@ -10,7 +10,7 @@ from torch import Tensor
 
 from leanconv.errors import ConfigError
 from leanconv.kernels.triton_util import DTYPES, kernel_module, kernel_path, load_kernels, runs_on  # noqa: F401
-from leanconv.optimize.ops import InferenceOp
+from leanconv.optimize.ops import InferenceOp, KernelOp
 from leanconv.registry import register_alternatives
 
 # frozen op type -> functions returning its fused alternatives (registered where each kernel is defined)
@@ -49,7 +49,7 @@ def gpu_alternatives(op: InferenceOp) -> list["FusedOp"]:
     return out
 
 
-class FusedOp(InferenceOp):
+class FusedOp(KernelOp):
     """An op computed by one fused kernel (a custom op). ``ref`` is the op it replaces: it holds the
     weights and the epilogue (``relu``, ``res_scale``), and runs wherever the kernel may not
     (autograd, ``portable()``, ONNX export, tracing, other devices: ``triton_util.kernel_path``).
@@ -63,8 +63,8 @@ class FusedOp(InferenceOp):
     def __init__(self, ref: InferenceOp, tile: tuple[int, int] | None = None) -> None:
         """``tile``: ``(BLOCK_K, BLOCK_N)`` of a block-sparse schedule of the op's topological
         projection; None runs the projection dense."""
-        super().__init__()
-        self.ref, self.tile = ref, tile
+        super().__init__(ref)
+        self.tile = tile
         self.repack()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -74,11 +74,6 @@ class FusedOp(InferenceOp):
             return self.kernel(*self.kernel_args(x, residual))
         return self.launch(*self.kernel_args(x, residual))
 
-    def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
-        raise NotImplementedError
-
-    relu = property(lambda self: self.ref.relu, lambda self, v: setattr(self.ref, "relu", v))
-
     @property
     def res_scale(self) -> Tensor | None:
         return self.ref.res_scale
@@ -87,17 +82,6 @@ class FusedOp(InferenceOp):
     def res_scale(self, v: Tensor | None) -> None:
         self.ref.res_scale = v
         self.pack_scale()
-
-    @property
-    def in_channels(self) -> int:
-        return self.ref.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.ref.out_channels
-
-    def repack(self) -> None:
-        raise NotImplementedError
 
     def pack(self, packed, tile: tuple[int, int] | None) -> None:
         """Keep a ``PackedProjection``'s tensors as (non-persistent) buffers, with its block-sparse
@@ -120,17 +104,3 @@ class FusedOp(InferenceOp):
         if self.nout is not None:
             rs = rs[self.nout.long()]
         self.register_buffer("rs", rs.contiguous(), persistent=False)
-
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        self.ref.scale_output(a, b)
-        self.repack()
-
-    def scale_input(self, s: Tensor) -> None:
-        self.ref.scale_input(s)
-        self.repack()
-
-    def dense_kernel(self):
-        return self.ref.dense_kernel()
-
-    def extra_repr(self) -> str:
-        return f"impl={self.impl_name()}"

@@ -394,3 +394,45 @@ def run_into(op: nn.Module, x: Tensor, residual: Tensor | None, out: Tensor) -> 
         return None
     out.copy_(op(x) if residual is None else op(x, residual))
     return None
+
+
+class KernelOp(InferenceOp):
+    """The base of an op computed by one custom kernel (C++ on the CPU, Triton on a GPU). ``ref`` is
+    the op it replaces: it holds the weights and the epilogue (``relu``, ``res_scale``) and runs
+    wherever the kernel may not. Subclasses define ``repack`` (the kernel's operands from ``ref``,
+    again after every change of its weights) and ``kernel_args``."""
+
+    def __init__(self, ref: InferenceOp) -> None:
+        super().__init__()
+        self.ref = ref
+
+    def repack(self) -> None:
+        raise NotImplementedError
+
+    def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
+        raise NotImplementedError
+
+    relu = property(lambda self: self.ref.relu, lambda self, v: setattr(self.ref, "relu", v))
+    res_scale = property(lambda self: self.ref.res_scale, lambda self, v: setattr(self.ref, "res_scale", v))
+
+    @property
+    def in_channels(self) -> int:
+        return self.ref.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.ref.out_channels
+
+    def scale_output(self, a: Tensor, b: Tensor) -> None:
+        self.ref.scale_output(a, b)
+        self.repack()
+
+    def scale_input(self, s: Tensor) -> None:
+        self.ref.scale_input(s)
+        self.repack()
+
+    def dense_kernel(self):
+        return self.ref.dense_kernel()
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl_name()}"

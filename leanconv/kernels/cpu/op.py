@@ -9,10 +9,10 @@ from torch import Tensor
 
 from leanconv.kernels.cpu import build
 from leanconv.optimize import ops
-from leanconv.optimize.ops import InferenceOp, fused_path
+from leanconv.optimize.ops import InferenceOp, KernelOp, fused_path
 
 
-class CpuKernelOp(InferenceOp):
+class CpuKernelOp(KernelOp):
     """An op computed by one C++ kernel (a custom op). ``ref`` is the op it replaces: it holds the
     weights and the epilogue (``relu``, ``res_scale``) and runs wherever the kernel may not
     (autograd, ``portable()``, ONNX export, tracing, other dtypes and devices: ``ops.fused_path``;
@@ -26,8 +26,7 @@ class CpuKernelOp(InferenceOp):
     launch: Callable[..., Tensor]
 
     def __init__(self, ref: InferenceOp) -> None:
-        super().__init__()
-        self.ref = ref
+        super().__init__(ref)
         self.repack()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -39,34 +38,3 @@ class CpuKernelOp(InferenceOp):
         if not fused_path(x):
             return self.ref(x, residual)
         return self.launch(*self.kernel_args(x, residual))
-
-    def repack(self) -> None:
-        raise NotImplementedError
-
-    def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
-        raise NotImplementedError
-
-    relu = property(lambda self: self.ref.relu, lambda self, v: setattr(self.ref, "relu", v))
-    res_scale = property(lambda self: self.ref.res_scale, lambda self, v: setattr(self.ref, "res_scale", v))
-
-    @property
-    def in_channels(self) -> int:
-        return self.ref.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.ref.out_channels
-
-    def scale_output(self, a: Tensor, b: Tensor) -> None:
-        self.ref.scale_output(a, b)
-        self.repack()
-
-    def scale_input(self, s: Tensor) -> None:
-        self.ref.scale_input(s)
-        self.repack()
-
-    def dense_kernel(self):
-        return self.ref.dense_kernel()
-
-    def extra_repr(self) -> str:
-        return f"impl={self.impl_name()}"
