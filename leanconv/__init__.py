@@ -1,4 +1,10 @@
-"""leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain."""
+"""leanconv: convert trained CNNs' dense convolutions into cheaper layers, and measure the gain.
+
+Importing it registers the built-in replacement methods (``leanconv.methods``) with
+``leanconv.registry``: Python runs this file before any ``leanconv.*`` module, so every stage finds
+them there without the registry importing the methods that import it.
+"""
+from leanconv import methods as _methods  # noqa: F401  (registers the built-in methods)
 from leanconv.calibrate import CalibrationConfig, CalibrationReport, calibrate
 from leanconv.convert import convert
 from leanconv.errors import ConfigError, DataError, LeanconvError, ModelError, NumericalError, OutputError

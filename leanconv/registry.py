@@ -9,13 +9,14 @@ Two tables, filled by decorators where each method is defined (``leanconv/method
   (``method = "sic"``), which builds the replacement of a conv, plus the method's built-in recipes
   (``presets``) and the budget solver's menu entries (``menu``).
 
-This module imports nothing it registers. The built-in methods register on import of
-``leanconv.methods``, which the first lookup imports; a third-party method registers on import of
-its own module.
+This module imports nothing it registers, and nothing that registers here imports it back: the
+built-in methods register on import of ``leanconv.methods``, which the package's face
+(``leanconv/__init__.py``) imports, so they are registered before any stage's module can look one
+up (Python runs ``leanconv/__init__.py`` before any ``leanconv.*`` module); a third-party method
+registers on import of its own module.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,15 +55,6 @@ class Preset:
 _LAYERS: dict[str, type] = {}                    # config "type" -> layer class
 _HOOKS: dict[type, dict[str, Any]] = {}          # class -> hook name -> hook
 _METHODS: dict[str, type] = {}                   # method name -> parameter dataclass
-_loaded = False
-
-
-def _builtin() -> None:
-    """Import ``leanconv.methods`` once (it registers the built-in methods)."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        importlib.import_module("leanconv.methods")
 
 
 def register_layer(cls: type | None = None, *, name: str | None = None):
@@ -90,7 +82,6 @@ def hook(cls: type, name: str, value: Any = None):
 
 def lookup(obj: Any, name: str, default: Any = None) -> Any:
     """Hook ``name`` of ``obj``'s class (or of ``obj`` if it is a class), along its MRO."""
-    _builtin()
     for c in (obj if isinstance(obj, type) else type(obj)).__mro__:
         hooks = _HOOKS.get(c)
         if hooks is not None and name in hooks:
@@ -100,13 +91,11 @@ def lookup(obj: Any, name: str, default: Any = None) -> Any:
 
 def hooked(name: str) -> tuple[type, ...]:
     """The classes with hook ``name`` registered (for ``isinstance`` filters such as forward hooks)."""
-    _builtin()
     return tuple(c for c, h in _HOOKS.items() if name in h)
 
 
 def layer_types() -> tuple[type, ...]:
     """Every registered replacement layer class."""
-    _builtin()
     return tuple(_LAYERS.values())
 
 
@@ -134,7 +123,6 @@ def layer_from_config(cfg: dict) -> nn.Module:
         return nn.Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
                          tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["groups"], cfg["bias"],
                          cfg["padding_mode"])
-    _builtin()
     if kind not in _LAYERS:
         raise ModelError(f"unknown layer type {kind!r} in a saved config; known: {sorted(_LAYERS)} and Conv2d")
     return _LAYERS[kind].from_config(cfg)
@@ -181,7 +169,6 @@ def method(name: Any) -> type:
     Raises:
         ConfigError: no such method (the message lists them).
     """
-    _builtin()
     key = getattr(name, "value", name)
     if key not in _METHODS:
         raise ConfigError(f"layer.method: {key!r} is not one of {list(_METHODS)}")
@@ -190,5 +177,4 @@ def method(name: Any) -> type:
 
 def methods() -> list[type]:
     """Every registered method's parameter dataclass, in registration order."""
-    _builtin()
     return list(_METHODS.values())

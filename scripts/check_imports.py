@@ -4,8 +4,10 @@
 Three rules:
 
 1. No import cycles between leanconv's modules. Every import counts, including those inside
-   functions (a lazy import that only works around a cycle is still a cycle), and importing
-   ``a.b.c`` also runs the packages ``a.b`` above it (except those the importer lives in).
+   functions (a lazy import that only works around a cycle is still a cycle) and those by a
+   literal name (``importlib.import_module("a.b")``, ``__import__("a.b")``), and importing
+   ``a.b.c`` also runs the packages ``a.b`` above it (except those the importer lives in). A name
+   held in a variable (a module a plugin registered, say) cannot be read and is not counted.
 2. No module imports from a later pipeline stage (``STAGES`` below, in pipeline order).
 3. No module outside ``leanconv/methods/`` names a concrete replacement layer class (a class
    decorated with ``register_layer`` in ``leanconv/methods/``): stages look layers up through
@@ -72,6 +74,8 @@ def imports_of(tree: ast.AST, name: str, is_package: bool, modules: set[str]) ->
             for a in node.names:
                 full = f"{base}.{a.name}"
                 out.append((full if full in modules else base, node.lineno))
+        elif (named := imported_by_name(node)) is not None:
+            out.append((named, node.lineno))
     result = []
     for mod, line in out:
         while mod and mod not in modules:  # an attribute of a module: the module
@@ -79,6 +83,19 @@ def imports_of(tree: ast.AST, name: str, is_package: bool, modules: set[str]) ->
         if mod:
             result.append((mod, line))
     return result
+
+
+def imported_by_name(node: ast.AST) -> str | None:
+    """The module an ``importlib.import_module("...")`` or ``__import__("...")`` call names literally."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    f = node.func
+    called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+    first = node.args[0]
+    if called in ("import_module", "__import__") and isinstance(first, ast.Constant) and \
+            isinstance(first.value, str) and not first.value.startswith("."):
+        return first.value
+    return None
 
 
 def walk_runtime(tree: ast.AST):

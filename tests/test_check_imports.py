@@ -30,9 +30,15 @@ def test_each_violation_is_one_line(tmp_path):
     # a cycle through a lazy import
     (pkg / "data.py").write_text("import leanconv.models\n")
     (pkg / "models.py").write_text("def f():\n    import leanconv.data\n")
+    # a cycle through an import by a literal name (the registry importing what registers in it)
+    (pkg / "methods" / "other.py").write_text("import leanconv.registry\n")
+    (pkg / "registry.py").write_text("import importlib\n\n\ndef register_layer(c):\n    return c\n\n\n"
+                                     "def load():\n    importlib.import_module('leanconv.methods.other')\n")
     res = run(pkg)
     lines = res.stdout.splitlines()
     assert res.returncode == 1
     assert any("later stage" in l and "leanconv.methods.mine" in l for l in lines), lines
     assert any("names the layer class MyLayer" in l for l in lines), lines
     assert any(l.startswith("import cycle:") and "leanconv.data" in l and "leanconv.models" in l for l in lines), lines
+    assert any(l.startswith("import cycle:") and "leanconv.registry" in l and "leanconv.methods.other" in l
+               for l in lines), lines
