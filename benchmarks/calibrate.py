@@ -28,31 +28,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from leanconv.demo.fmnist import VGG, fmnist, train_briefly
 
 CACHE = Path(os.environ.get("LEANCONV_CACHE", Path.home() / ".cache" / "leanconv")) / "bench"
 
 
 # --------------------------------------------------------------------------- networks and data
-
-
-class VGG(nn.Module):
-    """VGG-style for 56x56 inputs: three stages of two conv-BN-ReLU, max pooling, global pool, classifier."""
-
-    def __init__(self, widths=(32, 64, 128)) -> None:
-        super().__init__()
-        layers, cin = [], 1
-        for w in widths:
-            for _ in range(2):
-                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-                cin = w
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, 10)
-
-    def forward(self, x):
-        return self.fc(self.features(x).mean((2, 3)))
 
 
 def resnet18_gray() -> nn.Module:
@@ -66,40 +49,21 @@ def resnet18_gray() -> nn.Module:
 NETWORKS = {"vgg56": VGG, "resnet18-56": resnet18_gray}
 
 
-def fmnist(train: bool, n: int, size: int, seed: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    from leanconv.data import fashion_mnist
-
-    ds = fashion_mnist(train=train)
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
-    x = ((ds.images[idx].float() / 255 - ds.mean) / ds.std)[:, None]  # (n, 1, 28, 28)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.expand(-1, channels, -1, -1).contiguous(), ds.labels[idx]
-
-
 def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
-    """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56; cached."""
+    """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56 (``train_briefly``); cached."""
     path = CACHE / f"{name}_s{steps}_b{batch}.pt"
+    torch.manual_seed(0)  # the initial weights too (a fresh process's torch seed is random)
     model = NETWORKS[name]()
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
-    x, y = fmnist(True, 20000, 56, seed=0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(0)
-    model.train()
     t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(x), (batch,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            print(f"  {name}: train step {step}/{steps}, loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
+
+    def log(step: int, loss: float) -> None:
+        print(f"  {name}: train step {step}/{steps}, loss {loss:.3f} ({time.perf_counter() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
+
+    train_briefly(model, 56, steps, batch, log=log)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import leanconv
 from leanconv.calibrate import CalibrationConfig
+from leanconv.demo.fmnist import VGG, fmnist, train_briefly
 from leanconv.errors import ConfigError
 from leanconv.methods import UnraveledConv
 from leanconv.methods.topo.projection import projection_matrix
@@ -20,57 +20,15 @@ from leanconv.recipes import list_recipes
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # networks trained here, every recipe
 
 
-class VGG(nn.Module):
-    """A VGG-style net for 56x56 inputs: three stages of two conv-BN-ReLU layers, then pooling and a classifier."""
-
-    def __init__(self, widths=(16, 32, 64)) -> None:
-        super().__init__()
-        layers, cin = [], 1
-        for w in widths:
-            for _ in range(2):
-                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-                cin = w
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, 10)
-
-    def forward(self, x):
-        return self.fc(self.features(x).mean((2, 3)))
-
-
-def fmnist(train: bool, n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    from leanconv.data import fashion_mnist
-
-    ds = fashion_mnist(train=train)
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
-    x = ((ds.images[idx].float() / 255 - ds.mean) / ds.std)[:, None]  # (n, 1, 28, 28)
-    if size != 28:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x, ds.labels[idx]
-
-
-def train(model: nn.Module, size: int, steps: int, seed: int = 0) -> nn.Module:
-    """A few seconds of Adam on Fashion-MNIST: enough for a trained network's weight structure."""
-    torch.manual_seed(seed)
-    x, y = fmnist(True, 64 * steps, size, seed)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    model.train()
-    for i in range(steps):
-        loss = F.cross_entropy(model(x[64 * i:64 * (i + 1)]), y[64 * i:64 * (i + 1)])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def networks():
     """(name, trained model, input size, calibration images, held-out images)."""
     from leanconv.demo.teacher import fmnist_resnet
 
+    torch.manual_seed(0)
     out = []
-    for name, model, size in (("demo", fmnist_resnet(width=16), 28), ("vgg56", VGG(), 56)):
-        model = train(model, size, steps=40)
+    for name, model, size in (("demo", fmnist_resnet(width=16), 28), ("vgg56", VGG((16, 32, 64)), 56)):
+        model = train_briefly(model, size, steps=40, images=64 * 40)  # a few seconds: a trained weight structure
         calib, _ = fmnist(True, 64, size, seed=7)  # other images than the training steps' first ones
         held, _ = fmnist(False, 256, size, seed=1)
         out.append((name, model, size, calib, held))
