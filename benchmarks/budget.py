@@ -31,7 +31,7 @@ from leanconv.serialize import write_json
 def calibrated(original, recipe, example, calib, held, layers=None):
     converted, plan = leanconv.convert(original, recipe, example, layers=layers, progress=False)
     cal = dataclasses.replace(recipe.calibration, holdout=len(held))
-    rep = leanconv.calibrate(original, converted, calib, cal, holdout=held, progress=False)
+    rep = leanconv.calibrate(original, converted, calib, cal, holdout=held, plan=plan, progress=False)
     errors = [l.error_after for l in rep.layers if l.error_after is not None]
     return plan, rep, sum(errors) / len(errors)
 

@@ -16,7 +16,7 @@ from leanconv.models import ModelSource, infer_source
 from leanconv.passes import analyze, replace_modules, select_candidates
 from leanconv.passes.analyze import ConvSite, stack_shift
 from leanconv.passes.plain import as_plain_conv
-from leanconv.plan import ConversionPlan, LayerChoice, LayerPlan
+from leanconv.plan import DATAFREE, ConversionPlan, LayerChoice, LayerPlan
 from leanconv.recipes import LayerSpec, Recipe, Selection, get_recipe
 
 
@@ -33,7 +33,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
             the network will run at; it sets shapes and the MAC counts.
         select: overrides the recipe's selection of convs.
         layers: per-layer choices for selected convs: a ``LayerChoice`` (the budget solver's
-            ``solution.layers``: its replacement is put in as it was built and measured there), a
+            ``solution.layers``: its replacement is put in as it was built, calibrated on its layer
+            alone and measured there; the plan's ``start`` says so), a
             LayerSpec (taken as asked: no ``only_cheaper`` or ``min_speedup`` check), or None to keep
             the conv; selected convs not named use the recipe's spec.
         source: how to build the base model again (for ``save``/``load``); inferred for
@@ -103,7 +104,8 @@ def convert(model: nn.Module, recipe: "str | Recipe" = "sic-m2", example_inputs:
                          f"pattern (--exclude NAME)") from e
 
     rows = tuple(_layer_plan(c.site, specs.get(c.site.name) or recipe.layer, before, after,
-                             replacements.get(c.site.name), reasons.get(c.site.name), speeds.get(c.site.name))
+                             replacements.get(c.site.name), reasons.get(c.site.name), speeds.get(c.site.name),
+                             chosen[c.site.name].start if c.site.name in chosen else DATAFREE)
                  for c in candidates)
     shape = list(example_inputs.shape[1:]) if isinstance(example_inputs, Tensor) else []
     source = source or infer_source(model)
@@ -168,7 +170,7 @@ def _check_cheaper(new: nn.Module, conv: nn.Conv2d, site: ConvSite) -> None:
 
 
 def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Complexity,
-                new: nn.Module | None, reason: str | None, speed: LayerSpeed | None) -> LayerPlan:
+                new: nn.Module | None, reason: str | None, speed: LayerSpeed | None, start: str) -> LayerPlan:
     g = site.geometry
     macs_b = before.macs_under(site.name)
     params_b = next((l.params for l in before.layers if l.name == site.name), 0)
@@ -185,4 +187,4 @@ def _layer_plan(site: ConvSite, spec: LayerSpec, before: Complexity, after: Comp
         macs_before=macs_b, macs_after=macs_a, params_before=params_b, params_after=params_a,
         converted=new is not None, reason=None if new is not None else reason,
         replacement=layer_config(new) if new is not None else None,
-        speed=speed.to_dict() if speed is not None else None)
+        speed=speed.to_dict() if speed is not None else None, start=start if new is not None else DATAFREE)

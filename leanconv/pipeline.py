@@ -176,7 +176,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, started: list):
             print(plan.table())
         if cfg.calibrate and plan.converted:
             t = time.perf_counter()
-            rep = leanconv.calibrate(original, converted, calib_data, cfg.recipe.calibration, holdout=val,
+            rep = leanconv.calibrate(original, converted, calib_data, cfg.recipe.calibration, holdout=val, plan=plan,
                                      progress=progress and is_main_process())
             if is_main_process():
                 print(rep)

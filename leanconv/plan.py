@@ -8,16 +8,21 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+DATAFREE = "data-free"               # LayerPlan.start: built from the conv alone
+CALIBRATED = "calibrated alone"      # ... calibrated already, on its layer alone (the budget solver's)
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """What was decided for one conv before ``convert`` (by the budget solver), handed over as it was
     computed: ``convert`` puts a copy of ``block`` in (no rebuild, no new checks or timing) or keeps
-    the conv, and its plan carries ``spec``, ``reason`` and ``speed``."""
+    the conv, and its plan carries ``spec``, ``reason``, ``speed`` and ``start``."""
 
-    block: "nn.Module | None"          # the replacement, built from the conv (data-free start); None: keep it
+    block: "nn.Module | None"          # the replacement; None: keep the conv
     spec: Any = None                   # the LayerSpec ``block`` was built from (None: keep)
     reason: str = ""                   # why the conv is kept (shown in the plan)
     speed: Any = None                  # LayerSpeed measured against the conv (select.min_speedup), or None
+    start: str = DATAFREE              # what ``block`` is: the data-free start, or CALIBRATED (see LayerPlan)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class LayerPlan:
     reason: str | None                 # why it was not converted
     replacement: dict | None = None    # layer config that rebuilds the replacement (see leanconv.registry)
     speed: dict | None = None          # measured against the conv (select.min_speedup; LayerSpeed.to_dict)
+    start: str = DATAFREE              # what convert put in: the data-free start, or CALIBRATED (the budget
+                                       # solver's block, calibrated on the original network's inputs to it):
+                                       # ``calibrate(..., plan=)`` starts from it as it is
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -184,3 +184,47 @@ def test_min_speedup_makes_slower_candidates_unusable(small, monkeypatch):
     timed.clear()
     size_candidates(model, "sic-m2", example, menu=_menu())
     assert timed == []
+
+
+def test_calibrate_starts_from_the_solvers_calibrated_blocks(small):
+    """The solver's candidates, calibrated on their layer alone, are what convert puts in (not the
+    data-free start), the plan says so, and calibrate starts from them: it does not choose their
+    grid assignment again from the kernel, which would reload the data-free weights (shown by
+    calibrating without the plan)."""
+    from leanconv.budget import default_menu, measure_candidates
+    from leanconv.calibrate import CalibrationConfig
+    from leanconv.plan import CALIBRATED, DATAFREE
+
+    model, example, data = small
+    menu = {"sic-topo2d": default_menu(leanconv.get_recipe("sic-m2"))["sic-topo2d"]}  # topological projections
+    sized = size_candidates(model, "sic-m2", example, menu=menu)
+    measured = measure_candidates(sized, model, "sic-m2", data, BudgetConfig(images=32, holdout=16, steps=5),
+                                  progress=False)
+    sol = choose(measured, measured.reachable[0])
+    converted, plan = leanconv.convert(model, "sic-m2", example, layers=sol.layers)
+    datafree, _ = leanconv.convert(model, "sic-m2", example, layers={n: c.spec for n, c in sol.layers.items()})
+    rows = [l for l in plan.layers if l.converted]
+    assert rows and all(l.start == CALIBRATED for l in rows)
+    for l in rows:
+        mine, free = converted.get_submodule(l.name).state_dict(), datafree.get_submodule(l.name).state_dict()
+        assert any(not torch.equal(mine[k], free[k]) for k in mine), l.name  # calibrated, not the data-free start
+    handed = {k: v.clone() for k, v in converted.state_dict().items()}
+
+    nothing = CalibrationConfig(images=32, holdout=0, solver="datafree", validation=0, recalibrate_bn=False)
+    report = leanconv.calibrate(model, converted, data, nothing, plan=plan, progress=False)
+    assert report.start == CALIBRATED and all(l.start == CALIBRATED for l in report.layers)
+    assert all(torch.equal(v, handed[k]) for k, v in converted.state_dict().items())  # nothing redone
+    report = leanconv.calibrate(model, converted, data, nothing, progress=False)  # taken as data-free
+    assert report.start == DATAFREE and "assign" in report.layers[0].solvers
+    assert any(not torch.equal(v, handed[k]) for k, v in converted.state_dict().items())
+
+    converted.load_state_dict(handed)
+    report = leanconv.calibrate(model, converted, data, CalibrationConfig(images=64, holdout=0, steps=5), plan=plan,
+                                progress=False)
+    if report.returned == "calibrated":
+        assert report.val_after < report.val_before
+    else:
+        assert report.returned == f"{CALIBRATED} start"
+        assert all(torch.equal(v, handed[k]) for k, v in converted.state_dict().items())
+    for l in report.layers:  # each kept result is no worse than the handed block on the validation images
+        assert l.val_after <= l.val_start, (l.name, l.val_start, l.val_after)

@@ -1,8 +1,24 @@
 """Budget solver: per-layer methods that meet a MAC budget with the least calibration error.
 
 What it computed is handed to ``convert`` as it is: ``BudgetSolution.layers`` holds, per conv, the
-replacement the solver built (and measured, and timed under ``select.min_speedup``) as a
-``LayerChoice``; ``convert`` puts a copy of it in instead of building, checking and timing it again.
+replacement the solver built, calibrated on its layer alone and measured (and timed under
+``select.min_speedup``) as a ``LayerChoice``; ``convert`` puts a copy of it in instead of building,
+checking and timing it again, and its plan marks the layer ``start = "calibrated alone"``.
+``leanconv.calibrate(..., plan=plan)`` then starts the exact cascade from those weights: its ridge
+refits shrink towards them (not towards the data-free start), gradient refinement goes on from
+them, and its grid assignment is not chosen again from the kernel (that would reload the data-free
+weights). Its guarantees are unchanged, measured against this start: a refit is kept only if it
+lowers the layer's validation error below the block's as handed over, and the network is returned
+only if it beats the network as converted on the validation images.
+
+What is not handed over, and why: the captured activations. The solver fits each candidate on
+the *original* network's input to its conv, with every other layer left dense; the cascade fits
+each layer on the *converted* network's input to it (the earlier layers already replaced), which
+is what makes it exact, so those inputs are new data that no candidate saw. The targets (the
+original convs' outputs) would be reusable, but the cascade computes them in the same forward
+pass of the original that it runs anyway, on its own (larger) image set. The data-driven grid
+assignment of a topological projection is chosen again in the cascade's first refit for the same
+reason: it is chosen from the converted network's inputs.
 
 For every selected conv and every method of a menu (keep, unravel-bN, sic-mN, topological,
 bottleneck), the replacement is built, calibrated on that layer alone (``calibrate_block`` on the
@@ -49,7 +65,7 @@ from leanconv.logits import find_logits, first_tensor, kl_divergence
 from leanconv.measure.complexity import count
 from leanconv.measure.latency import LayerSpeed, layer_speed
 from leanconv.passes.analyze import stack_shift
-from leanconv.plan import LayerChoice, human
+from leanconv.plan import CALIBRATED, DATAFREE, LayerChoice, human
 from leanconv.recipes.registry import Recipe, get_recipe
 from leanconv.recipes.spec import LayerSpec, Selection
 
@@ -111,7 +127,8 @@ class Candidate:
     reason: str | None = None    # why it cannot replace this conv (then it is not chosen)
     seconds: float = 0.0
     speedup: float | None = None  # measured against the conv (select.min_speedup only)
-    block: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)  # as built (data-free)
+    # as built (data-free); once measured, as calibrated on its layer alone: what convert gets
+    block: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
     speed: LayerSpeed | None = dataclasses.field(default=None, repr=False, compare=False)  # the timing of speedup
 
     @property
@@ -154,13 +171,15 @@ class BudgetSolution:
     @property
     def layers(self) -> dict[str, LayerChoice]:
         """Per-layer choices for ``leanconv.convert(..., layers=)``: each chosen replacement as the
-        solver built it (data-free start; ``convert`` copies it), or none to keep the conv."""
+        solver left it (calibrated on its layer alone once measured; ``convert`` copies it), or none
+        to keep the conv."""
         out = {}
         for l in self.per_layer:
             c = l.choice
             why = "" if c.spec is not None else f"kept by the budget solver ({self.weighting} objective, budget " \
                                                 f"{self.target_macs / self.macs_before:.3f} of the original's MACs)"
-            out[l.name] = LayerChoice(c.block, c.spec, why, c.speed)
+            start = CALIBRATED if c.spec is not None and c.error is not None else DATAFREE
+            out[l.name] = LayerChoice(c.block, c.spec, why, c.speed, start)
         return out
 
     def to_dict(self) -> dict:
@@ -458,7 +477,7 @@ def _capture(original: nn.Module, conv: nn.Conv2d, name: str, stream: ImageStrea
 def _measure(c: Candidate, conv: nn.Conv2d, name: str, fit, test, cal, original: nn.Module,
              held: list[Tensor], reference: list) -> Candidate:
     """Calibrate a copy of the candidate's block on ``fit``, then measure the error on ``test`` and the
-    end-to-end damage (the candidate keeps its data-free block: that is what ``convert`` gets)."""
+    end-to-end damage; the candidate holds the calibrated copy from then on (what ``convert`` gets)."""
     from leanconv.calibrate.api import calibrate_block
     from leanconv.errors import NumericalError
 
@@ -472,7 +491,7 @@ def _measure(c: Candidate, conv: nn.Conv2d, name: str, fit, test, cal, original:
     y = torch.cat([p[1] for p in test])
     error = relative_error(block, x, y, cal.refine_batch * 4)
     damage = _damage(original, conv, block, held, reference)
-    return dataclasses.replace(c, error=error, damage=damage, seconds=time.perf_counter() - t0)
+    return dataclasses.replace(c, error=error, damage=damage, block=block, seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

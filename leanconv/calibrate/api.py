@@ -23,11 +23,12 @@ from leanconv.calibrate.refine import RefineResult, Reservoir, refine
 from leanconv.calibrate.report import CalibrationReport, LayerReport
 from leanconv.calibrate.steps import ProjectionFit, Step, StepFit, datafree_assign, step_input, steps_of
 from leanconv.errors import ConfigError
+from leanconv.plan import DATAFREE, ConversionPlan
 from leanconv.registry import layer_types, lookup
 
 
 def calibrate(original: nn.Module, converted: nn.Module, data, config: CalibrationConfig | dict | None = None, *,
-              holdout=None, progress: bool = True) -> CalibrationReport:
+              holdout=None, plan: ConversionPlan | None = None, progress: bool = True) -> CalibrationReport:
     """Make each converted layer reproduce the original layer it replaces, on real images.
 
     Works in place on ``converted`` (the output of ``leanconv.convert``); ``original`` is only read.
@@ -36,7 +37,10 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
     layer's output. A share of the calibration images (``config.validation``) is never fitted:
     a layer's refit or refinement is kept only if it lowers the error on them, and the whole
     calibrated network is returned only if its last output is closer to the original's on them
-    than the data-free start's (else ``converted`` is left as it was; the report says which).
+    than its start's (else ``converted`` is left as it was; the report says which). The start is
+    ``converted`` as given: the data-free start, or, for the layers ``plan`` marks ``start =
+    "calibrated alone"`` (the budget solver's), blocks calibrated already: their refits shrink
+    towards those weights and their grid assignment is kept (see ``leanconv.budget.solver``).
     On any error ``converted`` is restored to what it was, so a failed solve writes nothing.
 
     Args:
@@ -46,6 +50,8 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
         config: a ``CalibrationConfig`` (or its dict form); default settings when None.
         holdout: images for the fidelity figures (same forms as ``data``); by default the images of
             ``data`` after the calibration ones (a spec string's validation split).
+        plan: the ``ConversionPlan`` ``convert`` returned with ``converted``: which layers it put in
+            calibrated already (``LayerPlan.start``); without it every layer is taken as data-free.
         progress: show tqdm progress bars and the estimated time before the long steps.
     Returns:
         A ``CalibrationReport`` (``print`` it; ``to_dict()`` for JSON).
@@ -82,7 +88,9 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
             with clock("evaluate"):
                 reference = [_last(original(x.to(device))) for x in cal.val]
                 end_before = _end_error(converted, cal.val, reference, device)
-            jobs = [_Job.plan(n, conv, blk, cfg) for n, (conv, blk) in pairs.items()]
+            starts = {l.name: l.start for l in plan.layers if l.converted} if plan is not None else {}
+            jobs = [_Job.plan(n, conv, blk, cfg, starts.get(n, DATAFREE)) for n, (conv, blk) in pairs.items()]
+            start = _start_of(jobs)
             if progress:
                 _announce(jobs, cal, cfg, full_pass, first, converted)
             schedule, bns, runner = _solve(jobs, original, converted, cal, cfg, device, clock, progress)
@@ -97,7 +105,7 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
             returned = "calibrated"
             if end_before is not None and not end_after < end_before:
                 converted.load_state_dict(snapshot)  # calibration did not help on the validation images
-                returned = "data-free start"
+                returned = f"{start} start"
             with clock("evaluate"):
                 after = fidelity(original, converted, pairs, eval_batches(), device)
         except BaseException:
@@ -107,7 +115,7 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
     return CalibrationReport(cfg.to_dict(), str(device), images, before.images, split, layers, before.end,
                              after.end, before_bn, len(bns or ()), dict(clock.stages), clock.total(), schedule,
                              cal.fit_images, cal.val_images,
-                             end_before, end_after, returned, runner)
+                             end_before, end_after, returned, runner, start)
 
 
 class CalibrationSet:
@@ -289,20 +297,27 @@ class _Job:
     ridges: list[float] = field(default_factory=list)
     kept: list[tuple[float, float]] = field(default_factory=list)
     refined: RefineResult | None = None
-    val_start: float | None = None    # relative error on the validation images: data-free start
+    val_start: float | None = None    # relative error on the validation images: the block's start
     val_after: float | None = None    # ... and of what was kept
     seconds: float = 0.0
+    start: str = DATAFREE             # what the block is at the start: data-free, or CALIBRATED already
 
     @classmethod
-    def plan(cls, name: str, conv: nn.Conv2d, block: nn.Module, cfg: CalibrationConfig) -> "_Job":
+    def plan(cls, name: str, conv: nn.Conv2d, block: nn.Module, cfg: CalibrationConfig,
+             start: str = DATAFREE) -> "_Job":
         steps = steps_of(block)
         closed = cfg.solver in (Solver.CLOSED_FORM, Solver.AUTO)
         nonlinear = bool(lookup(block, "nonlinear", False))
         grad = cfg.solver is Solver.GRADIENT or (cfg.solver is Solver.AUTO and nonlinear)
-        return cls(name, conv, block, cfg, [s for s in steps if s.fittable] if closed else [], grad and cfg.steps > 0)
+        return cls(name, conv, block, cfg, [s for s in steps if s.fittable] if closed else [], grad and cfg.steps > 0,
+                   start=start)
 
     def assign_datafree(self) -> None:
-        """Grid assignment of topological steps that no closed-form fit will assign with data."""
+        """Grid assignment of topological steps that no closed-form fit will assign with data. Part of
+        the data-free start only: a block handed over calibrated has its assignment, and the weights
+        fitted under it, which this (reloading the data-free kernel's) would throw away."""
+        if self.start != DATAFREE:
+            return
         for step in steps_of(self.block):
             if step not in self.fit_steps:
                 a = datafree_assign(step, self.conv)
@@ -429,7 +444,13 @@ class _Job:
         return LayerReport(self.name, _kind(self.block), tuple(self.solvers), before, after, tuple(self.fit_errors),
                            tuple(self.ridges), r.error_before if r else None, r.error_after if r else None,
                            r.pairs if r else 0, kept[1], kept[0], self.seconds, self.val_start, self.val_after,
-                           r.steps if r else 0)
+                           r.steps if r else 0, self.start)
+
+
+def _start_of(jobs: list[_Job]) -> str:
+    """The network's start: the layers' common start, or "mixed"."""
+    starts = {j.start for j in jobs}
+    return starts.pop() if len(starts) == 1 else "mixed"
 
 
 def _state(block: nn.Module) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from leanconv.calibrate.evaluate import EndToEnd
+from leanconv.plan import DATAFREE
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class LayerReport:
     kind: str                          # replacement type, e.g. "SICStack x2"
     solvers: tuple[str, ...]           # what ran, in order: assign, closed_form[i], gradient; a
                                        # "(rejected)" step was undone (worse on the validation images)
-    error_before: float | None         # held-out images, in the network, data-free start
+    error_before: float | None         # held-out images, in the network, at the start (see start)
     error_after: float | None          # held-out images, in the network, after calibration
     fit_errors: tuple[float, ...] = ()  # closed-form fit of each refit projection (calibration images)
     ridges: tuple[float, ...] = ()      # ridge each refit used (chosen by validation)
@@ -24,9 +25,10 @@ class LayerReport:
     kept_identity: float | None = None  # topological: fraction of connection importance kept, identity order
     kept: float | None = None           # ... with the chosen grid assignment
     seconds: float = 0.0
-    val_start: float | None = None      # validation images (calibration images not fitted): data-free start
+    val_start: float | None = None      # validation images (calibration images not fitted): at the start
     val_after: float | None = None      # ... what was kept
     refine_steps: int = 0               # Adam steps run (early stopping on validation)
+    start: str = DATAFREE               # the layer's start: data-free, or calibrated alone (the budget solver's)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerReport":
@@ -46,7 +48,7 @@ class CalibrationReport:
     eval_images: int                  # images the fidelity figures are measured on
     eval_split: str                   # "holdout", or "calibration" when no held-out images were left
     layers: tuple[LayerReport, ...]
-    before: EndToEnd                  # data-free start
+    before: EndToEnd                  # the start (see start)
     after: EndToEnd                   # after calibration
     before_bn: EndToEnd | None = None  # after the solves, before a BatchNorm pass of its own
     batchnorms: int = 0               # BatchNorms whose statistics were re-estimated
@@ -55,10 +57,12 @@ class CalibrationReport:
     schedule: str | None = None       # schedule that ran: "layerwise" (exact cascade) | "streamed"
     fit_images: int = 0               # calibration images fitted
     val_images: int = 0               # calibration images kept out of every fit (validation)
-    val_before: float | None = None   # relative error of the last output on them: data-free start
+    val_before: float | None = None   # relative error of the last output on them: the start
     val_after: float | None = None    # ... calibrated network
-    returned: str = "calibrated"      # "calibrated", or "data-free start" when that was better on them
+    returned: str = "calibrated"      # "calibrated", or "<start> start" when the start was better on them
     cascade: dict | None = None       # how the cascade's activations were kept (runner, GiB in memory/on disk)
+    start: str = DATAFREE             # the converted network as given: data-free, "calibrated alone" (the
+                                      # budget solver's layers, see LayerPlan.start) or "mixed"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,25 +90,26 @@ class CalibrationReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += ["", "done: A grid assignment, C closed-form refit (C2: of 2 steps), G gradient refinement; "
                       "x: undone, worse on the validation images",
-                  "held-out error: relative output error ||y - y_orig|| / ||y_orig|| in the network, data-free start "
-                  "-> calibrated",
+                  f"held-out error: relative output error ||y - y_orig|| / ||y_orig|| in the network, {self.start} "
+                  f"start -> calibrated",
                   "grid kept: share of the kernel's weight energy a topological projection keeps, chosen "
                   "assignment/identity order", ""]
         how = ", ".join(str(v) for v in (self.config.get("mode"), self.config.get("solver"), self.schedule,
                                          self.device) if v)
         if self.val_images:
             lines.append(f"validation ({self.val_images} of the {self.images} calibration images, not fitted): "
-                         f"last-output error data-free {_f(self.val_before)}, calibrated {_f(self.val_after)}; "
+                         f"last-output error {self.start} {_f(self.val_before)}, calibrated {_f(self.val_after)}; "
                          f"returned: {self.returned}")
         lines.append(f"end to end on {self.eval_images} {self.eval_split} images ({self.images} calibration "
                      f"images; {how}):")
-        stages = [("data-free", self.before)]
+        stages = [(self.start, self.before)]
         if self.before_bn is not None:
             stages.append(("before BN", self.before_bn))
         stages.append(("calibrated" if self.returned == "calibrated" else "returned", self.after))
+        width = max(len(label) for label, _ in stages)
         for label, e in stages:
             acc = f", accuracy {_p(e.accuracy)} (original {_p(e.accuracy_original)})" if e.accuracy is not None else ""
-            lines.append(f"  {label:<10}  top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
+            lines.append(f"  {label:<{width}}  top-1 agreement {_p(e.agreement)}, KL {_f(e.kl)}{acc}")
         times = ", ".join(f"{k} {v:.1f}s" for k, v in self.stages.items())
         lines.append(f"time {self.seconds:.1f}s ({times}); {self.batchnorms} BatchNorms re-estimated")
         return "\n".join(lines)
