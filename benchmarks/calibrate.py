@@ -78,12 +78,12 @@ def fmnist(train: bool, n: int, size: int, seed: int, channels: int = 1) -> tupl
 
 def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
     """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56; cached."""
-    path = CACHE / f"{name}_s{steps}_b{batch}.pt"
+    path = CACHE / f"{name}_s{steps}_b{batch}_seed0.pt"
+    torch.manual_seed(0)  # the initial weights too: torch's initial seed is random per process
     model = NETWORKS[name]()
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
     x, y = fmnist(True, 20000, 56, seed=0)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
