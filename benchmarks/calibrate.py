@@ -51,8 +51,8 @@ NETWORKS = {"vgg56": VGG, "resnet18-56": resnet18_gray}
 
 def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
     """``name`` trained with Adam + one-cycle on Fashion-MNIST at 56x56 (``train_briefly``); cached."""
-    path = CACHE / f"{name}_s{steps}_b{batch}.pt"
-    torch.manual_seed(0)  # the initial weights too (a fresh process's torch seed is random)
+    path = CACHE / f"{name}_s{steps}_b{batch}_seed0.pt"
+    torch.manual_seed(0)  # the initial weights too: torch's initial seed is random per process
     model = NETWORKS[name]()
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))

@@ -26,6 +26,13 @@ def _exact_cuda():
      torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _seed_module():
+    """Seeded before a module's own fixtures (torch's initial seed is random per process, and a
+    module fixture runs before the per-test seed), so what they build does not depend on the run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

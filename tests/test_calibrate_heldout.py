@@ -25,10 +25,10 @@ def networks():
     """(name, trained model, input size, calibration images, held-out images)."""
     from leanconv.demo.teacher import fmnist_resnet
 
-    torch.manual_seed(0)
     out = []
-    for name, model, size in (("demo", fmnist_resnet(width=16), 28), ("vgg56", VGG((16, 32, 64)), 56)):
-        model = train_briefly(model, size, steps=40, images=64 * 40)  # a few seconds: a trained weight structure
+    for name, build, size in (("demo", lambda: fmnist_resnet(width=16), 28), ("vgg56", lambda: VGG((16, 32, 64)), 56)):
+        torch.manual_seed(0)  # module fixtures run before the per-test seed: seed the initial weights here
+        model = train_briefly(build(), size, steps=40, images=64 * 40)  # seconds: a trained weight structure
         calib, _ = fmnist(True, 64, size, seed=7)  # other images than the training steps' first ones
         held, _ = fmnist(False, 256, size, seed=1)
         out.append((name, model, size, calib, held))
@@ -179,3 +179,21 @@ class _nothing:
 def test_bad_calibration_settings_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         CalibrationConfig.from_dict({**CalibrationConfig().to_dict(), **change})
+
+
+@pytest.mark.parametrize("recipe", ["unravel-b4", "sic-m2", "sic-topo2d", "sic-bottleneck"])
+def test_calibration_with_1024_images_never_worse_and_at_least_as_good_as_64(networks, recipe):
+    """The large end of the data range: 1024 images (768 fitted, 256 for validation) on the demo
+    network, never worse than the data-free start on held-out images, and not worse than 64 images."""
+    name, model, size, _, held = next(n for n in networks if n[0] == "demo")
+    calib, _ = fmnist(True, 1024, size, seed=7)
+    errors = {}
+    for images in (64, 1024):
+        converted, _ = leanconv.convert(model, recipe, torch.randn(1, 1, size, size))
+        start = output_error(model, converted, held)
+        cfg = CalibrationConfig(images=images, batch_size=64, holdout=0, steps=15)
+        report = leanconv.calibrate(model, converted, calib[:images], cfg, progress=False)
+        errors[images] = output_error(model, converted, held)
+        assert errors[images] <= start * (1 + 1e-6), f"{recipe} {images} images: {start:.4f} -> {errors[images]:.4f}"
+        assert report.fit_images == images - images // 4 and report.val_images == images // 4
+    assert errors[1024] <= errors[64] * 1.02, f"{recipe}: 64 images {errors[64]:.4f}, 1024 images {errors[1024]:.4f}"

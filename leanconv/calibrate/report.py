@@ -94,8 +94,8 @@ class CalibrationReport:
                   f"start -> calibrated",
                   "grid kept: share of the kernel's weight energy a topological projection keeps, chosen "
                   "assignment/identity order", ""]
-        how = ", ".join(str(v) for v in (self.config.get("mode"), self.config.get("solver"), self.schedule,
-                                         self.device) if v)
+        how = ", ".join(f"{k} {v}" for k, v in (("mode", self.config.get("mode")), ("solver", self.config.get("solver")),
+                                                ("schedule", self.schedule), ("device", self.device)) if v)
         if self.val_images:
             lines.append(f"validation ({self.val_images} of the {self.images} calibration images, not fitted): "
                          f"last-output error {self.start} {_f(self.val_before)}, calibrated {_f(self.val_after)}; "
