@@ -63,7 +63,7 @@ def trained(name: str, steps: int = 150, batch: int = 64) -> nn.Module:
         print(f"  {name}: train step {step}/{steps}, loss {loss:.3f} ({time.perf_counter() - t0:.0f}s)",
               file=sys.stderr, flush=True)
 
-    train_briefly(model, 56, steps, batch, log=log)
+    train_briefly(model, *fmnist(True, 20000, 56, seed=0), steps, batch, log=log)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()

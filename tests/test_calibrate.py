@@ -155,27 +155,12 @@ def test_exact_sic_topological_from_representable_conv(schedule, device):
 
 
 def train_small_resnet(steps: int = 150, seed: int = 0) -> nn.Module:
-    """SmallResNet (widths 16/32/64) briefly trained on 10k Fashion-MNIST images."""
-    from leanconv.data import fashion_mnist
+    """SmallResNet (widths 16/32/64) briefly trained on the first 10k Fashion-MNIST images."""
+    from leanconv.demo.fmnist import fmnist, train_briefly
     from leanconv.demo.teacher import SmallResNet
 
     torch.manual_seed(seed)
-    ds = fashion_mnist(train=True)
-    x = ((ds.images[:10000].float() / 255 - ds.mean) / ds.std)[:, None]  # (N, 1, 28, 28)
-    y = ds.labels[:10000]
-    model = SmallResNet(widths=(16, 32, 64))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return train_briefly(SmallResNet(widths=(16, 32, 64)), *fmnist(True, 10000, seed=None), steps, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def networks():
     out = []
     for name, build, size in (("demo", lambda: fmnist_resnet(width=16), 28), ("vgg56", lambda: VGG((16, 32, 64)), 56)):
         torch.manual_seed(0)  # module fixtures run before the per-test seed: seed the initial weights here
-        model = train_briefly(build(), size, steps=40, images=64 * 40)  # seconds: a trained weight structure
+        model = train_briefly(build(), *fmnist(True, 64 * 40, size), steps=40)  # seconds: a trained weight structure
         calib, _ = fmnist(True, 64, size, seed=7)  # other images than the training steps' first ones
         held, _ = fmnist(False, 256, size, seed=1)
         out.append((name, model, size, calib, held))

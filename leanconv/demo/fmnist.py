@@ -30,13 +30,15 @@ class VGG(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
-def fmnist(train: bool, n: int, size: int, seed: int = 0, channels: int = 1) -> tuple[Tensor, Tensor]:
-    """``n`` Fashion-MNIST images drawn with ``seed`` (normalized, resized bilinearly to ``size`` x
-    ``size``, repeated over ``channels``) and their labels: ``(n, channels, size, size)``, ``(n,)``."""
+def fmnist(train: bool, n: int, size: int = 28, seed: int | None = 0, channels: int = 1) -> tuple[Tensor, Tensor]:
+    """``n`` Fashion-MNIST images drawn with ``seed`` (None: the first ``n``), normalized, resized
+    bilinearly to ``size`` x ``size`` and repeated over ``channels``, and their labels:
+    ``(n, channels, size, size)``, ``(n,)``."""
     from leanconv.data import fashion_mnist
 
     ds = fashion_mnist(train=train)
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
+    idx = torch.arange(min(n, len(ds.labels))) if seed is None else \
+        torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed))[:n]
     x = ((ds.images[idx].float() / 255 - ds.mean) / ds.std)[:, None]  # (n, 1, 28, 28)
     if size != 28:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -45,13 +47,11 @@ def fmnist(train: bool, n: int, size: int, seed: int = 0, channels: int = 1) -> 
     return x, ds.labels[idx]
 
 
-def train_briefly(model: nn.Module, size: int, steps: int, batch: int = 64, images: int = 20000, seed: int = 0,
+def train_briefly(model: nn.Module, x: Tensor, y: Tensor, steps: int, batch: int = 64, seed: int = 0,
                   log: Callable[[int, float], None] | None = None) -> nn.Module:
-    """``steps`` Adam steps (one-cycle, peak 3e-3) of ``batch`` images drawn at random from the first
-    ``images`` training images (``fmnist(True, images, size, seed)``); ``log(step, loss)`` every 50
-    steps. Returns ``model`` in eval mode."""
-    torch.manual_seed(seed)
-    x, y = fmnist(True, images, size, seed)
+    """``steps`` Adam steps (one-cycle, peak 3e-3) on ``batch`` images of ``x`` (labels ``y``) drawn
+    at random with ``seed``; ``log(step, loss)`` every 50 steps. Returns ``model`` in eval mode. The
+    caller seeds the initial weights (torch's initial seed is random per process)."""
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
