@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanconv.calibrate.capture import hooks, input_of
-from leanconv.calibrate.images import ImageStream
+from leanconv.calibrate.images import ImageStream, input_channels
 from leanconv.calibrate.refine import relative_error
 from leanconv import registry
 from leanconv.budget.knapsack import multiple_choice_knapsack
@@ -347,7 +347,7 @@ def measure_candidates(sized: Candidates, original: nn.Module, recipe: "str | Re
     cal = recipe.calibration if cfg.steps is None else dataclasses.replace(recipe.calibration, steps=cfg.steps)
     device = _device_of(original)
     stream = ImageStream(calib_data, cfg.images, cal.batch_size, cfg.holdout, None, cal.seed,
-                         channels=_in_channels(original))
+                         channels=input_channels(original))
     was = original.training
     original.eval()
     rows: list[LayerBudget] = []
@@ -538,11 +538,6 @@ def _cost(c: Candidate, weight: float, weighting: Weighting) -> float:
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _in_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else 3
 
 
 def _aligned(rows: list[tuple]) -> str:

@@ -18,7 +18,7 @@ from leanconv.calibrate.config import CalibrationConfig, Mode, Schedule, Solver
 from leanconv.calibrate.evaluate import fidelity
 from leanconv.logits import logits_of
 from leanconv.calibrate.bn import BatchNormMatcher, recalibrate_bn
-from leanconv.calibrate.images import ImageStream
+from leanconv.calibrate.images import ImageStream, input_channels
 from leanconv.calibrate.refine import RefineResult, Reservoir, refine
 from leanconv.calibrate.report import CalibrationReport, LayerReport
 from leanconv.calibrate.steps import ProjectionFit, Step, StepFit, datafree_assign, step_input, steps_of
@@ -66,7 +66,7 @@ def calibrate(original: nn.Module, converted: nn.Module, data, config: Calibrati
                           "convert it first with leanconv.convert(original, recipe, example_inputs)")
     device = _device(cfg.device, converted)
     stream = ImageStream(data, cfg.images, cfg.batch_size, cfg.holdout, holdout, cfg.seed,
-                         channels=_in_channels(original))
+                         channels=input_channels(original))
     clock = _Clock()
     snapshot = {k: v.detach().clone() for k, v in converted.state_dict().items()}
     with _placed(original, converted, device), torch.no_grad():
@@ -135,11 +135,10 @@ class CalibrationSet:
 
     @classmethod
     def split(cls, batches, share: float, batch_size: int) -> "CalibrationSet":
-        """The last ``round(share x images)`` images (at least one when ``share > 0`` and there are two
-        or more images, always leaving one to fit) are validation images."""
+        """The last ``validation_count(images, share)`` images are validation images."""
         x = torch.cat([b for b, _ in batches])  # (N, C, H, W)
         n = len(x)
-        v = min(max(round(share * n), 1), n - 1) if share > 0 and n >= 2 else 0
+        v = validation_count(n, share)
         out, flags = [], []
         for lo, hi, flag in ((0, n - v, False), (n - v, n, True)):
             for s in range(lo, hi, batch_size):
@@ -248,7 +247,7 @@ def calibrate_block(name: str, conv: nn.Conv2d, block: nn.Module, pairs: list[tu
 def _split_pairs(pairs: list[tuple[Tensor, Tensor]], share: float) -> tuple[list, list]:
     """(fit pairs, validation pairs): the last ``share`` of the images are validation images."""
     n = sum(len(x) for x, _ in pairs)
-    v = min(max(round(share * n), 1), n - 1) if share > 0 and n >= 2 else 0
+    v = validation_count(n, share)
     fit, val, seen = [], [], 0
     for x, y in pairs:
         cut = min(max(n - v - seen, 0), len(x))
@@ -258,6 +257,12 @@ def _split_pairs(pairs: list[tuple[Tensor, Tensor]], share: float) -> tuple[list
             val.append((x[cut:], y[cut:]))
         seen += len(x)
     return fit, val
+
+
+def validation_count(n: int, share: float) -> int:
+    """Validation images among ``n``: ``round(share x n)``, at least one when ``share > 0`` and there are
+    two or more images, always leaving one to fit (``calibrate``'s and ``calibrate_block``'s rule)."""
+    return min(max(round(share * n), 1), n - 1) if share > 0 and n >= 2 else 0
 
 
 def converted_pairs(original: nn.Module, converted: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
@@ -630,11 +635,6 @@ def _device(spec: str, model: nn.Module) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"calibration.device is {spec!r} but CUDA is not available; use 'cpu' or 'auto'")
     return dev
-
-
-def _in_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else 3
 
 
 @contextmanager

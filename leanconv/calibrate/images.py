@@ -4,13 +4,20 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset
 
 from leanconv.data import DataSpec, batches
 from leanconv.errors import DataError
 
 Batch = tuple[Tensor, Tensor | None]
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images ``model`` takes (its first conv's input; 3 without a conv): what
+    a data spec string's images are given."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
 
 
 class ImageStream:
