@@ -103,6 +103,26 @@ struct DwChunk {
     }
     for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
   }
+
+  // block<U> for stride 1 and dilation 1 along the row with a compile-time KW: the U + KW - 1
+  // input vectors of a kernel row are loaded once and reused by every output and tap (block<U>
+  // loads U * KW), so the FMAs, not the loads, bound it
+  template <int U>
+  void block_unit(int64_t ow) const {
+    static_assert(KW_ > 0, "block_unit needs a compile-time kernel width");
+    const int64_t off = (ow - g.pw) * g.C + c;
+    V acc[U] = {};
+    for (int64_t i = 0; i < KH(); ++i) {
+      const float* xr = p.rows[i] + off;
+      V in[U + KW_ - 1];
+      for (int t = 0; t < U + KW_ - 1; ++t) in[t] = load<V>(xr + t * g.C);
+      for (int j = 0; j < KW_; ++j) {
+        const V t = load<V>(w + (i * KW_ + j) * g.C);
+        for (int u = 0; u < U; ++u) acc[u] += in[u + j] * t;
+      }
+    }
+    for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
+  }
 };
 
 // One output row (image-local row oh) of the depthwise step, every channel and multiplier slot,
@@ -130,6 +150,10 @@ void dw_row(const float* x, const float* w, float* out, int64_t ldo, const Dw& g
     for (int64_t ow = p.hi; ow < g.OW; ++ow) k.edge(ow);
   });
   int64_t ow = p.lo;
+  if constexpr (KW_ > 0) {
+    if (g.sw == 1 && g.dw == 1)
+      for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block_unit<U>(ow); });
+  }
   for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block<U>(ow); });
   for (; ow < p.hi; ++ow) each([&](const auto& k) { k.template block<1>(ow); });
 }
