@@ -186,12 +186,25 @@ struct Epilogue {
   bool relu;
 };
 
+// One ROWS x NR block of y over k-slice [0, K) of a and wp (the caller offsets both): starts from
+// zero (first) or from the partial sums stored in y, and stores partial sums (not last) or the
+// finished block with its epilogue (last).
 template <int64_t ROWS>
 inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
-                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   v16 acc[ROWS][NV];
-  for (int64_t r = 0; r < ROWS; ++r)
-    for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+  for (int64_t r = 0; r < ROWS; ++r) {
+    const float* yr = y + r * ldy + n0;
+    if (first) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+    } else if (ncols == NR) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load<v16>(yr + 16 * v);
+    } else {
+      float tmp[NR] = {};
+      for (int64_t j = 0; j < ncols; ++j) tmp[j] = yr[j];
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load<v16>(tmp + 16 * v);
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     v16 b[NV];
     for (int64_t v = 0; v < NV; ++v) b[v] = load<v16>(wp + k * NR + 16 * v);
@@ -205,8 +218,16 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
   }
   for (int64_t r = 0; r < ROWS; ++r) {
     float* yr = y + r * ldy + n0;
-    const float* rr = e.res ? e.res + (p0 + r) * ldy + n0 : nullptr;
-    if (ncols == NR) {
+    const float* rr = e.res && last ? e.res + (p0 + r) * ldy + n0 : nullptr;
+    if (!last) {  // partial sums
+      if (ncols == NR) {
+        for (int64_t v = 0; v < NV; ++v) store<v16>(yr + 16 * v, acc[r][v]);
+      } else {
+        float tmp[NR];
+        for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
+        for (int64_t j = 0; j < ncols; ++j) yr[j] = tmp[j];
+      }
+    } else if (ncols == NR) {
       for (int64_t v = 0; v < NV; ++v) {
         v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
         if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
@@ -227,22 +248,32 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
 
 template <int64_t R>
 inline void gemm_tail(int64_t rows, const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
-                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   if constexpr (R > 0) {
-    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0);
-    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0, first, last);
+    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0, first, last);
   }
 }
+
+// k-slice of the GEMM: KC x NR floats of a packed panel (32 KiB with AVX-512) stay in L1 while
+// every row block of the band passes over them; longer K goes in slices, partial sums in y
+constexpr int64_t KC = 256;
 
 // y (P x N, row stride N) = epilogue(a (P x K) @ w), w packed by pack_projection.
 void band_gemm(const float* a, int64_t P, int64_t K, const float* wp, int64_t N, float* y, const Epilogue& e) {
   const int64_t panels = (N + NR - 1) / NR;
+  // slices of equal length, none longer than KC
+  const int64_t slices = (K + KC - 1) / KC, kc = (K + slices - 1) / slices;
   for (int64_t j = 0; j < panels; ++j) {
-    const float* wj = wp + j * K * NR;
     const int64_t n0 = j * NR, ncols = std::min(NR, N - n0);
-    int64_t p = 0;
-    for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
-    if (p < P) gemm_tail<MR - 1>(P - p, a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const float* wj = wp + j * K * NR + k0 * NR;
+      const int64_t kn = std::min(kc, K - k0);
+      const bool first = k0 == 0, last = k0 + kn >= K;
+      int64_t p = 0;
+      for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K + k0, K, wj, kn, y + p * N, N, n0, ncols, e, p, first, last);
+      if (p < P) gemm_tail<MR - 1>(P - p, a + p * K + k0, K, wj, kn, y + p * N, N, n0, ncols, e, p, first, last);
+    }
   }
 }
 
@@ -343,7 +374,9 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
 // ------------------------------------------------------------------------------ a whole SIC stack
 // m SIC layers (depthwise -> projection -> epilogue, each layer's input its residual where flagged)
 // band of the last layer's output rows by band: each band's intermediate activations live in the
-// per-thread buffer only, the halo rows each depthwise needs recomputed by the band itself.
+// per-thread buffer only. The halo rows each depthwise needs are recomputed by a band that starts
+// a thread's run of an image; a band that follows its image's previous band on the same thread
+// moves them from that band's rows instead.
 
 namespace {
 
@@ -464,7 +497,8 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
   at::parallel_for(0, B * per_image, 1, [&](int64_t first, int64_t end) {
     float* buf = stack_buffer.get(total_floats);
     float* dwbuf = buf + offset[m - 1];
-    std::vector<int64_t> lo(m), hi(m);
+    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m);
+    int64_t prev_n = -1;
     for (int64_t task = first; task < end; ++task) {
       const int64_t n = task / per_image, band = task % per_image;
       lo[m - 1] = band * rpb;
@@ -477,7 +511,14 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
         const float* in = l == 0 ? xp + n * img : buf + offset[l - 1] - lo[l - 1] * g.W * g.C;
         float* out = l == m - 1 ? yp + (n * g.OH + lo[l]) * g.OW * s.N : buf + offset[l];
         const float* res = s.res ? in + lo[l] * g.W * g.C : nullptr;  // same shape: input row = output row
-        for (int64_t a = lo[l]; a < hi[l]; a += sub[l]) {
+        int64_t start = lo[l];
+        if (l < m - 1 && prev_n == n && plo[l] <= lo[l] && lo[l] < phi[l]) {
+          // the previous band of this image (this thread's) computed the halo rows: moved, not recomputed
+          const int64_t row = g.OW * s.N;
+          std::memmove(out, out + (lo[l] - plo[l]) * row, (phi[l] - lo[l]) * row * sizeof(float));
+          start = phi[l];
+        }
+        for (int64_t a = start; a < hi[l]; a += sub[l]) {
           const int64_t b = std::min(hi[l], a + sub[l]);
           for (int64_t r = a; r < b; ++r) s.row(in, s.dw, dwbuf + (r - a) * g.OW * s.K, s.K, g, r);
           const int64_t done = (a - lo[l]) * g.OW * s.N;
@@ -485,6 +526,9 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
           band_gemm(dwbuf, (b - a) * g.OW, s.K, s.wp, s.N, out + done, e);
         }
       }
+      prev_n = n;
+      plo = lo;
+      phi = hi;
     }
   });
   return y;
