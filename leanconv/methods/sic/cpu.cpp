@@ -173,7 +173,7 @@ RowFn pick_row(int64_t kh, int64_t kw) {
 // MR x NR block of y is MR * NV accumulator vectors fed by one broadcast per row and NV loads per k.
 // MKL's sgemm runs at half this CPU's AVX-512 rate here (AVX2 code on AMD), so the band GEMM is ours.
 #ifdef __AVX512F__
-constexpr int64_t NV = 2, MR = 8;   // 16 zmm accumulators
+constexpr int64_t NV = 2, MR = 12;  // 24 zmm accumulators
 #else
 constexpr int64_t NV = 1, MR = 6;   // 6 accumulator vectors: 12 ymm (a v16 is two ymm under AVX2)
 #endif
