@@ -8,6 +8,8 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
     LEANCONV_CPU_KERNELS=0 python benchmarks/cpu_kernels.py ... # the same without the kernels
     python benchmarks/cpu_kernels.py --network vgg16 --recipe sic-m2 --batch 1 --threads 1 --cpu-time
         # whole network: original, converted without the kernels, converted with them, one process
+    python benchmarks/cpu_kernels.py --stack 2 --threads 1 --cpu-time
+        # a SIC stack of m layers (residual on the second on): library, per-layer kernels, fused stack
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -26,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanconv.methods.sic.cpu import CpuSplitOp  # noqa: E402
+from leanconv.methods.sic.cpu_stack import CpuStackOp  # noqa: E402
 from leanconv.measure.timing import time_interleaved  # noqa: E402
 from leanconv.optimize.memory import keep_freed_memory  # noqa: E402
 from leanconv.methods.split import SplitOp  # noqa: E402
-from leanconv.optimize.ops import ConvOp  # noqa: E402
+from leanconv.optimize.ops import ConvOp, StackOp  # noqa: E402
 
 
 def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -42,6 +45,51 @@ def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
             if r >= 2:
                 seen[name].append(time.thread_time() - t)
     return {name: statistics.median(v) for name, v in seen.items()}
+
+
+def stacks(a) -> int:
+    """m SIC layers (dense 1x1 projections, ReLU after each, a residual on every layer but the first)
+    per shape: the dense conv they replace, the library forms, the per-layer kernel, the fused stack."""
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k, m = a.kernel, a.stack
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, SIC stack of {m} depthwise {k}x{k} layers, load {os.getloadavg()[0]:.2f}; "
+          "ms per call (median)")
+    print("| channels x size x batch | dense kxk | library (dw + 1x1) x m | per-layer kernel (cpu:sic) x m | "
+          "fused stack (cpu:sic-stack) | stack vs per-layer | stack vs library | theory | realized, library | "
+          "realized, per-layer | realized, stack |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        dense = ConvOp(torch.randn(n, n, k, k, generator=g).contiguous(memory_format=cl), torch.randn(n, generator=g),
+                       padding=k // 2, relu=True)
+
+        def split() -> SplitOp:
+            s = 1 / (k * k) ** 0.5
+            return SplitOp(ConvOp((s * torch.randn(n, 1, k, k, generator=g)).contiguous(memory_format=cl),
+                                  None, padding=k // 2, groups=n),
+                           ConvOp((torch.randn(n, n, 1, 1, generator=g) / n ** 0.5).contiguous(memory_format=cl),
+                                  torch.randn(n, generator=g), relu=True))
+
+        library = StackOp([split() for _ in range(m)], tuple(i > 0 for i in range(m)))
+        per_layer = StackOp([CpuSplitOp(op) for op in library.ops], library.residual)
+        fused = CpuStackOp(library)
+        fns = {"dense": lambda: dense(x), "library": lambda: library(x), "per_layer": lambda: per_layer(x),
+               "stack": lambda: fused(x)}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        theory = (n * k * k) / (m * (k * k + n))
+        r = {name: t["dense"] / t[name] / theory for name in ("library", "per_layer", "stack")}
+        print(f"| {spec} | {t['dense'] * 1e3:.2f} | {t['library'] * 1e3:.2f} | {t['per_layer'] * 1e3:.2f} | "
+              f"{t['stack'] * 1e3:.2f} | {t['per_layer'] / t['stack']:.2f}x | {t['library'] / t['stack']:.2f}x | "
+              f"{theory:.2f} | {r['library']:.2f} | {r['per_layer']:.2f} | {r['stack']:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
 
 
 def demo(batch: int, threads: int, repeats: int) -> int:
@@ -93,7 +141,10 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
         del os.environ[build.DISABLE_ENV]
         build.reset()
         models["kernels"] = leanconv.optimize(conv, x, guard=False)
-    kept = sum(isinstance(m, CpuSplitOp) for m in models["kernels"].modules())
+    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks
+    stacks = [m for m in models["kernels"].modules() if isinstance(m, CpuStackOp)]
+    inside = {id(m) for s in stacks for m in s.modules()}
+    layers = sum(isinstance(m, CpuSplitOp) and id(m) not in inside for m in models["kernels"].modules())
     xc = x.contiguous(memory_format=torch.channels_last)
     fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
     load = os.getloadavg()[0]
@@ -106,7 +157,8 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
           f"original {t['original'] * 1e3:.1f} ms, converted {t['library'] * 1e3:.1f} ms without the kernels "
           f"({t['original'] / t['library']:.2f}x, realized {t['original'] / t['library'] / theory:.2f}), "
           f"{t['kernels'] * 1e3:.1f} ms with them ({t['original'] / t['kernels']:.2f}x, realized "
-          f"{t['original'] / t['kernels'] / theory:.2f}; {kept} kernel ops kept); theoretical {theory:.2f}")
+          f"{t['original'] / t['kernels'] / theory:.2f}; kept: {layers} per-layer kernel ops, {len(stacks)} fused "
+          f"stacks); theoretical {theory:.2f}")
     return 0
 
 
@@ -128,6 +180,8 @@ def main() -> int:
                                        "conversion by --recipe, optimized without and with the CPU kernels")
     ap.add_argument("--recipe", default="sic-m2")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--stack", type=int, default=0, metavar="M",
+                    help="instead: SIC stacks of M layers per shape (library, per-layer kernel, fused stack)")
     a = ap.parse_args()
     if a.network:
         if a.cpu_time and a.threads != 1:
@@ -137,6 +191,8 @@ def main() -> int:
         return demo(a.demo, a.threads, a.repeats)
     if a.cpu_time and a.threads != 1:
         ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+    if a.stack:
+        return stacks(a)
     torch.set_num_threads(a.threads)
     keep_freed_memory()
     k, b = a.kernel, a.multiplier

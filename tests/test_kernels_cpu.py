@@ -16,11 +16,12 @@ from leanconv.demo.teacher import fmnist_resnet
 from leanconv.kernels.cpu import build, cpu_alternatives
 from leanconv.kernels.cpu.op import CpuKernelOp
 from leanconv.methods.sic.cpu import CpuSplitOp
+from leanconv.methods.sic.cpu_stack import CpuStackOp
 from leanconv.methods import SICLayer, SICStack, TopoConv2d, Topology, UnraveledConv
 from leanconv.optimize import autotune, portable
 from leanconv.optimize.freeze import alternatives, freeze
 from leanconv.methods.split import SplitOp
-from leanconv.optimize.ops import StackOp
+from leanconv.optimize.ops import ConvOp, StackOp
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="the CPU kernels cannot be built here")
 TOL = 1e-5
@@ -231,6 +232,166 @@ def test_fake_implementation_checks_out():
     assert (fake.shape, fake.stride(), fake.dtype) == (out.shape, out.stride(), out.dtype)
 
 
+# --------------------------------------------------------------------------- fused stacks
+
+def stack_launches(monkeypatch) -> list:
+    calls = []
+    real = CpuStackOp.launch
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(CpuStackOp, "launch", staticmethod(counting))
+    return calls
+
+
+def stack_kernel(op: StackOp) -> CpuStackOp:
+    found = [a for a in alternatives(op) if isinstance(a, CpuStackOp)]
+    assert len(found) == 1, f"no fused stack offered for {[o.impl_name() for o in op.ops]}"
+    return found[0]
+
+
+def check_stack(stack: nn.Module, shape, monkeypatch, relu=True, residual=None) -> None:
+    """The fused stack of ``stack`` (a layer whose ``freeze`` gives a StackOp), with the last ReLU
+    ``relu`` and (optionally) other residual flags, against the stack in float64, for band buffers
+    of one row and of the whole map, on 1 and 2 threads."""
+    calls = stack_launches(monkeypatch)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    frozen = freeze(copy.deepcopy(stack).float())
+    if residual is not None:
+        frozen.residual = tuple(residual)
+    frozen.relu = relu
+    with torch.no_grad():
+        if residual is None:  # the layer it replaces, in float64
+            ref = copy.deepcopy(stack).double()(x.double())
+            ref = F.relu(ref) if relu else ref
+        else:  # other residual flags than the layer's: the frozen stack, in float64
+            ref = copy.deepcopy(frozen).double()(x.double())
+    fused = stack_kernel(frozen)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for band in (1, 1 << 20):
+                fused.band_bytes = band
+                n = len(calls)
+                with torch.no_grad():
+                    y = fused(x.contiguous(memory_format=torch.channels_last))
+                assert len(calls) == n + 1, "the kernel did not run"
+                assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+                err = rel_err(y, ref)
+                assert err < TOL, f"threads={threads} band={band}: rel err {err:.2e}"
+    finally:
+        torch.set_num_threads(before)
+
+
+STACK_CASES = {  # in, out, k, stride, padding, depth, first residual, (H, W), batch
+    "m2-odd-size-batch1": (24, 24, 3, 1, 1, 2, True, (13, 11), 1),
+    "m3-norms": (24, 24, 3, 1, 1, 3, True, (9, 7), 2),
+    "m2-stride2-first": (20, 36, 3, 2, 1, 2, True, (15, 12), 2),
+    "m3-5x5-tail-channels": (19, 37, 5, 1, 2, 3, True, (10, 9), 1),
+    "m2-1-pixel": (17, 17, 3, 1, 1, 2, True, (1, 1), 3),
+    "m2-first-residual-off": (32, 32, 3, 1, 1, 2, False, (14, 14), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(STACK_CASES))
+def test_fused_stack_matches_the_stack(case, monkeypatch):
+    ci, co, k, s, p, depth, first, hw, batch = STACK_CASES[case]
+    stack = randomized(SICStack.from_conv(nn.Conv2d(ci, co, k, s, p), kernel=k, depth=depth, first_residual=first,
+                                          norm=case == "m3-norms"))
+    check_stack(stack, (batch, ci, *hw), monkeypatch)
+
+
+def test_fused_stack_without_residuals_or_last_relu(monkeypatch):
+    stack = randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=3))
+    check_stack(stack, (2, 16, 8, 9), monkeypatch, relu=False, residual=(False, False, False))
+    check_stack(stack, (2, 16, 8, 9), monkeypatch, relu=False, residual=(True, False, True))
+
+
+def test_fused_stack_of_unravelled_and_topological_layers(monkeypatch):
+    unravel = [freeze(randomized(UnraveledConv(12, 20, 3, 4, 2, 1))), freeze(randomized(UnraveledConv(20, 20, 3, 2, 1, 1)))]
+    unravel[0].relu = True
+    stack = StackOp(unravel, (False, True))
+    x = torch.randn(1, 12, 11, 9)
+    with torch.no_grad():
+        ref = copy.deepcopy(stack).double()(x.double())
+        y = stack_kernel(stack)(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(y, ref) < TOL
+    topo = randomized(SICStack.from_conv(nn.Conv2d(32, 32, 3, padding=1), depth=2, topology_rank=2))
+    check_stack(topo, (1, 32, 6, 5), monkeypatch)
+
+
+def test_fused_stack_refuses_what_it_does_not_compute():
+    sic = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2)))
+    assert [a.impl_name() for a in cpu_alternatives(sic)] == ["cpu:sic-stack x2"]
+    single = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=1)))
+    assert cpu_alternatives(single) == [], "one layer is the per-layer kernel's"
+    dense = copy.deepcopy(sic)
+    dense.ops[1] = ConvOp(torch.randn(16, 16, 3, 3), torch.zeros(16), padding=1)
+    assert cpu_alternatives(dense) == [], "a layer that is no SIC layer: no fused stack"
+    bottleneck = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2, bottleneck="full")))
+    assert cpu_alternatives(bottleneck) == [], "spatial bottleneck layers are not covered"
+    reflect = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), depth=2)))
+    assert cpu_alternatives(reflect) == []
+    assert cpu_alternatives(copy.deepcopy(sic).double()) == [], "float32 only"
+    with pytest.raises(ValueError, match="no residual"):
+        cpu_alternatives(sic)[0](torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4))
+
+
+def test_fused_stack_falls_back_and_compiles_to_one_custom_op(monkeypatch):
+    frozen = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2)))
+    fused = stack_kernel(frozen)
+    calls = stack_launches(monkeypatch)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = frozen(x)
+        with portable():
+            assert torch.equal(fused(x), ref)
+    xg = x.clone().requires_grad_()
+    fused(xg).sum().backward()
+    assert xg.grad is not None and calls == [], "portable and autograd run the StackOp"
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with torch.no_grad():
+        y = torch.compile(fused, backend=backend, fullgraph=True)(x)
+        args = fused.kernel_args(x, None)
+        torch.library.opcheck(fused.kernel, args, test_utils=("test_schema", "test_faketensor"))
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is not getattr]
+    assert targets == [torch.ops.leanconv.cpu_sic_stack.default], targets
+    assert rel_err(y, ref) < TOL
+
+
+def test_fused_stack_repacks_after_a_folded_norm():
+    frozen = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2)))
+    fused = stack_kernel(frozen)
+    a, b = torch.rand(16) + 0.5, torch.randn(16)
+    fused.fold_affine(a, b)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_err(fused(x), fused.ref(x)) < TOL
+
+
+def test_optimize_keeps_the_fused_stack_where_it_is_fastest(prefer_kernels, one_thread):
+    model = randomized(nn.Sequential(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2), nn.ReLU(),
+                                     SICStack.from_conv(nn.Conv2d(16, 24, 3, stride=2, padding=1), depth=3)))
+    x = torch.randn(1, 16, 12, 12)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        model.float()
+        opt = leanconv.optimize(model, x, repeats=1, guard=False)
+        y = opt(x)
+    assert [type(opt[0]), type(opt[2])] == [CpuStackOp, CpuStackOp] and opt[0].relu
+    chosen = {c.name: c.chosen for c in leanconv.implementation_choices(opt)}
+    assert chosen["0"] == "cpu:sic-stack x2" and chosen["2"] == "cpu:sic-stack x3", chosen
+    assert rel_err(y, ref) < TOL
+
+
 # --------------------------------------------------------------------------- no compiler
 
 @pytest.fixture
@@ -320,7 +481,7 @@ def test_every_recipe_optimized_with_the_kernels_keeps_its_outputs(recipe, prefe
         opt = leanconv.optimize(model, x, repeats=1, guard=False)
         y = opt(x)
     kept = [m for m in opt.modules() if isinstance(m, CpuKernelOp)]
-    offered = [c for c in leanconv.implementation_choices(opt) if "cpu:sic" in dict(c.timings)]
+    offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:sic") for n in dict(c.timings))]
     assert len(kept) == len(offered)
     if recipe.startswith(("sic", "unravel")):
         assert kept, f"{recipe}: no CPU kernel kept"

@@ -119,14 +119,19 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
     Ops that have one implementation only are not timed. Each op's timing stops after
     ``budget_s`` seconds (3 rounds at least), so large inputs do not make tuning slow. Then each
     top-level unit (stack, op or conv) is timed on the whole batch against ``chunks`` images at a
-    time (``ChunkedOp``) and the fastest kept. An op whose structure, input shape and thread
-    count were timed before in this process takes the same choice without timing again
-    (``clear_timings`` forgets).
+    time (``ChunkedOp``) and, for a stack, against its whole-stack alternatives (a fused kernel of
+    all its layers, built from the layers as frozen), and the fastest kept. An op whose
+    structure, input shape and thread count were timed before in this process takes the same
+    choice without timing again (``clear_timings`` forgets).
     """
     found = units(model)
     targets = {name: (container, i) for name, container, i in found}
     tops = [n for n, m in model.named_modules() if n and isinstance(m, (InferenceOp, StackOp)) and not _inside_op(model, n)]
     shapes = input_shapes(model, example_inputs, list(dict.fromkeys(list(targets) + tops)))
+    # whole-stack alternatives (a fused kernel of every layer), built before the layers are tuned
+    # from the ops they were frozen as; timed below against the tuned stack
+    whole = {n: alternatives(model.get_submodule(n))[1:] for n in tops
+             if isinstance(model.get_submodule(n), StackOp) and n in shapes}
     choices = []
     for name, (container, i) in targets.items():
         op = container.ops[i] if i is not None else container
@@ -161,26 +166,28 @@ def choose(model: nn.Module, example_inputs: tuple, repeats: int = 5, warmup: in
         else:
             model.set_submodule(name, chosen)
         choices.append(ImplChoice(name, shapes[name], chosen.tuned, chosen.impl_name()))
-    for name in tops:  # then whole units (stacks, ops, convs) run a few images at a time, if faster
+    for name in tops:  # then whole units run a few images at a time, or a stack as one fused kernel, if faster
         shape = shapes.get(name)
-        if shape is None or len(shape) != 4 or shape[0] < 2 or not fused_path(torch.empty(0)):
+        if shape is None or len(shape) != 4 or not fused_path(torch.empty(0)):
             continue
         unit = model.get_submodule(name)
-        cands = [unit] + [ChunkedOp(unit, c) for c in chunks if c < shape[0]]
+        fused = whole.get(name, [])
+        chunked = [ChunkedOp(unit, c) for c in chunks if c < shape[0]]
+        cands = [unit] + chunked + fused
         if len(cands) < 2:
             continue
+        labels = (["whole batch"] + [f"chunks of {c.chunk}" for c in chunked] + [f.impl_name() for f in fused])
         param = next(iter(unit.buffers()))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.randn(shape, device=param.device, dtype=param.dtype).to(memory_format=fmt)
-        best, seconds = _pick(_signature("chunks", unit, shape, chunks), lambda: _fastest(
+        best, seconds = _pick(_signature("units", unit, shape, chunks, tuple(labels)), lambda: _fastest(
             [lambda c=c: c(x) for c in cands], repeats, warmup, x.device, budget_s))
         if best == 0:
             continue
         chosen = cands[best]
-        chosen.tuned = tuple((("whole batch" if k == 0 else f"chunks of {c.chunk}"), t)
-                             for k, (c, t) in enumerate(zip(cands, seconds)))
+        chosen.tuned = tuple(zip(labels, seconds))
         chosen.tuned_shape = shape
-        chosen.tuned_label = f"chunks of {chosen.chunk}"
+        chosen.tuned_label = labels[best]
         model.set_submodule(name, chosen)
         choices.append(ImplChoice(name, shape, chosen.tuned, chosen.tuned_label))
     return choices

@@ -31,10 +31,14 @@ class CpuKernelOp(KernelOp):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not build.available():  # e.g. a saved optimized model loaded where no compiler is
-            return self.ref(x, residual)
+            return self.fallback(x, residual)
         if (torch.compiler.is_compiling() and x.is_cpu and x.dtype == torch.float32 and not x.requires_grad
                 and not getattr(ops._STATE, "portable", False)):
             return self.kernel(*self.kernel_args(x, residual))
         if not fused_path(x):
-            return self.ref(x, residual)
+            return self.fallback(x, residual)
         return self.launch(*self.kernel_args(x, residual))
+
+    def fallback(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """What ``ref`` computes, where the kernel may not run."""
+        return self.ref(x, residual)

@@ -103,6 +103,26 @@ struct DwChunk {
     }
     for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
   }
+
+  // block<U> for stride 1 and dilation 1 along the row with a compile-time KW: the U + KW - 1
+  // input vectors of a kernel row are loaded once and reused by every output and tap (block<U>
+  // loads U * KW), so the FMAs, not the loads, bound it
+  template <int U>
+  void block_unit(int64_t ow) const {
+    static_assert(KW_ > 0, "block_unit needs a compile-time kernel width");
+    const int64_t off = (ow - g.pw) * g.C + c;
+    V acc[U] = {};
+    for (int64_t i = 0; i < KH(); ++i) {
+      const float* xr = p.rows[i] + off;
+      V in[U + KW_ - 1];
+      for (int t = 0; t < U + KW_ - 1; ++t) in[t] = load<V>(xr + t * g.C);
+      for (int j = 0; j < KW_; ++j) {
+        const V t = load<V>(w + (i * KW_ + j) * g.C);
+        for (int u = 0; u < U; ++u) acc[u] += in[u + j] * t;
+      }
+    }
+    for (int u = 0; u < U; ++u) store<V>(o + (ow + u) * ldo, acc[u]);
+  }
 };
 
 // One output row (image-local row oh) of the depthwise step, every channel and multiplier slot,
@@ -130,6 +150,10 @@ void dw_row(const float* x, const float* w, float* out, int64_t ldo, const Dw& g
     for (int64_t ow = p.hi; ow < g.OW; ++ow) k.edge(ow);
   });
   int64_t ow = p.lo;
+  if constexpr (KW_ > 0) {
+    if (g.sw == 1 && g.dw == 1)
+      for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block_unit<U>(ow); });
+  }
   for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block<U>(ow); });
   for (; ow < p.hi; ++ow) each([&](const auto& k) { k.template block<1>(ow); });
 }
@@ -149,7 +173,7 @@ RowFn pick_row(int64_t kh, int64_t kw) {
 // MR x NR block of y is MR * NV accumulator vectors fed by one broadcast per row and NV loads per k.
 // MKL's sgemm runs at half this CPU's AVX-512 rate here (AVX2 code on AMD), so the band GEMM is ours.
 #ifdef __AVX512F__
-constexpr int64_t NV = 2, MR = 8;   // 16 zmm accumulators
+constexpr int64_t NV = 2, MR = 12;  // 24 zmm accumulators
 #else
 constexpr int64_t NV = 1, MR = 6;   // 6 accumulator vectors: 12 ymm (a v16 is two ymm under AVX2)
 #endif
@@ -162,24 +186,48 @@ struct Epilogue {
   bool relu;
 };
 
+// One ROWS x NR block of y over k-slice [0, K) of a and wp (the caller offsets both): starts from
+// zero (first) or from the partial sums stored in y, and stores partial sums (not last) or the
+// finished block with its epilogue (last).
 template <int64_t ROWS>
 inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
-                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+                       int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   v16 acc[ROWS][NV];
-  for (int64_t r = 0; r < ROWS; ++r)
-    for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+  for (int64_t r = 0; r < ROWS; ++r) {
+    const float* yr = y + r * ldy + n0;
+    if (first) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = v16{};
+    } else if (ncols == NR) {
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load<v16>(yr + 16 * v);
+    } else {
+      float tmp[NR] = {};
+      for (int64_t j = 0; j < ncols; ++j) tmp[j] = yr[j];
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load<v16>(tmp + 16 * v);
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     v16 b[NV];
     for (int64_t v = 0; v < NV; ++v) b[v] = load<v16>(wp + k * NR + 16 * v);
     for (int64_t r = 0; r < ROWS; ++r) {
-      const v16 x = v16{} + a[r * lda + k];
+      // a scalar operand: GCC splats it as a broadcast load (an FMA's {1to16} memory operand).
+      // Not `v16{} + s`: without -ffast-math that is a real add, and a register broadcast (a
+      // shuffle on port 5, one of the two 512-bit FMA ports), per row and k
+      const float x = a[r * lda + k];
       for (int64_t v = 0; v < NV; ++v) acc[r][v] += x * b[v];
     }
   }
   for (int64_t r = 0; r < ROWS; ++r) {
     float* yr = y + r * ldy + n0;
-    const float* rr = e.res ? e.res + (p0 + r) * ldy + n0 : nullptr;
-    if (ncols == NR) {
+    const float* rr = e.res && last ? e.res + (p0 + r) * ldy + n0 : nullptr;
+    if (!last) {  // partial sums
+      if (ncols == NR) {
+        for (int64_t v = 0; v < NV; ++v) store<v16>(yr + 16 * v, acc[r][v]);
+      } else {
+        float tmp[NR];
+        for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
+        for (int64_t j = 0; j < ncols; ++j) yr[j] = tmp[j];
+      }
+    } else if (ncols == NR) {
       for (int64_t v = 0; v < NV; ++v) {
         v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
         if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
@@ -200,22 +248,32 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
 
 template <int64_t R>
 inline void gemm_tail(int64_t rows, const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
-                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0) {
+                      int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   if constexpr (R > 0) {
-    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0);
-    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0);
+    if (rows == R) return gemm_block<R>(a, lda, wp, K, y, ldy, n0, ncols, e, p0, first, last);
+    gemm_tail<R - 1>(rows, a, lda, wp, K, y, ldy, n0, ncols, e, p0, first, last);
   }
 }
+
+// k-slice of the GEMM: KC x NR floats of a packed panel (32 KiB with AVX-512) stay in L1 while
+// every row block of the band passes over them; longer K goes in slices, partial sums in y
+constexpr int64_t KC = 256;
 
 // y (P x N, row stride N) = epilogue(a (P x K) @ w), w packed by pack_projection.
 void band_gemm(const float* a, int64_t P, int64_t K, const float* wp, int64_t N, float* y, const Epilogue& e) {
   const int64_t panels = (N + NR - 1) / NR;
+  // slices of equal length, none longer than KC
+  const int64_t slices = (K + KC - 1) / KC, kc = (K + slices - 1) / slices;
   for (int64_t j = 0; j < panels; ++j) {
-    const float* wj = wp + j * K * NR;
     const int64_t n0 = j * NR, ncols = std::min(NR, N - n0);
-    int64_t p = 0;
-    for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
-    if (p < P) gemm_tail<MR - 1>(P - p, a + p * K, K, wj, K, y + p * N, N, n0, ncols, e, p);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const float* wj = wp + j * K * NR + k0 * NR;
+      const int64_t kn = std::min(kc, K - k0);
+      const bool first = k0 == 0, last = k0 + kn >= K;
+      int64_t p = 0;
+      for (; p + MR <= P; p += MR) gemm_block<MR>(a + p * K + k0, K, wj, kn, y + p * N, N, n0, ncols, e, p, first, last);
+      if (p < P) gemm_tail<MR - 1>(P - p, a + p * K + k0, K, wj, kn, y + p * N, N, n0, ncols, e, p, first, last);
+    }
   }
 }
 
@@ -313,6 +371,169 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
   return y;
 }
 
+// ------------------------------------------------------------------------------ a whole SIC stack
+// m SIC layers (depthwise -> projection -> epilogue, each layer's input its residual where flagged)
+// band of the last layer's output rows by band: each band's intermediate activations live in the
+// per-thread buffer only. The halo rows each depthwise needs are recomputed by a band that starts
+// a thread's run of an image; a band that follows its image's previous band on the same thread
+// moves them from that band's rows instead.
+
+namespace {
+
+struct StackLayer {
+  Dw g;
+  const float* dw;      // (b, kh*kw, C)
+  const float* wp;      // packed projection
+  const float* bias;    // (N,)
+  const float* rs;      // (N,) or null
+  int64_t K, N;
+  bool relu, res;
+  RowFn row;
+};
+
+// rows [lo, hi) of layer l's output that rows [a, b) of layer l + 1's output read (clipped)
+inline void input_rows(const Dw& g, int64_t a, int64_t b, int64_t* lo, int64_t* hi) {
+  *lo = std::max<int64_t>(0, a * g.sh - g.ph);
+  *hi = std::min<int64_t>(g.H, (b - 1) * g.sh - g.ph + (g.kh - 1) * g.dh + 1);
+}
+
+thread_local Buffer stack_buffer;
+
+}  // namespace
+
+// x -> layer_{m-1}(... layer_0(x)), every layer relu?(project(depthwise(in)) + bias + rs * in?).
+//   dws[l]: (b, kh*kw, C_l); weights[l]: packed (pack_projection); biases[l]: (N_l,);
+//   res_scales[l]: (N_l,) or empty (scale 1); geometry: 8 ints per layer (kh kw sh sw ph pw dh dw);
+//   relu, residual: per layer. band_bytes: the per-thread buffer's target for the intermediates.
+at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& dws,
+                             const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                             const std::vector<at::Tensor>& res_scales, std::vector<int64_t> geometry,
+                             std::vector<bool> relu, std::vector<bool> residual, int64_t band_bytes) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "leanconv cpu sic stack: x must be a 4-D float32 CPU tensor");
+  const int64_t m = (int64_t)dws.size();
+  TORCH_CHECK(m >= 1 && (int64_t)weights.size() == m && (int64_t)biases.size() == m && (int64_t)res_scales.size() == m &&
+                  (int64_t)geometry.size() == 8 * m && (int64_t)relu.size() == m && (int64_t)residual.size() == m,
+              "leanconv cpu sic stack: one set of operands per layer");
+  at::Tensor x = nhwc(x_in);
+  const int64_t B = x.size(0);
+  std::vector<at::Tensor> keep;  // contiguous operands, alive for the call
+  std::vector<StackLayer> L(m);
+  int64_t H = x.size(2), W = x.size(3), C = x.size(1);
+  for (int64_t l = 0; l < m; ++l) {
+    StackLayer& s = L[l];
+    const int64_t* q = geometry.data() + 8 * l;
+    Dw& g = s.g;
+    g.H = H; g.W = W; g.C = C; g.b = dws[l].size(0);
+    g.kh = q[0]; g.kw = q[1]; g.sh = q[2]; g.sw = q[3]; g.ph = q[4]; g.pw = q[5]; g.dh = q[6]; g.dw = q[7];
+    TORCH_CHECK(dws[l].dim() == 3 && dws[l].size(1) == g.kh * g.kw && dws[l].size(2) == C,
+                "leanconv cpu sic stack: layer ", l, "'s depthwise filters do not match its input");
+    TORCH_CHECK(g.kh <= 64 && g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
+                "leanconv cpu sic stack: bad geometry");
+    s.K = g.b * C;
+    s.N = biases[l].size(0);
+    TORCH_CHECK(weights[l].dim() == 3 && weights[l].size(0) == (s.N + NR - 1) / NR && weights[l].size(1) == s.K &&
+                    weights[l].size(2) == NR,
+                "leanconv cpu sic stack: layer ", l, "'s projection is not packed for this build");
+    g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+    g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+    s.res = residual[l];
+    s.relu = relu[l];
+    if (s.res)
+      TORCH_CHECK(g.OH == H && g.OW == W && s.N == C && g.sh == 1,
+                  "leanconv cpu sic stack: layer ", l, " has a residual but changes the shape");
+    for (const at::Tensor* t : {&dws[l], &weights[l], &biases[l]}) keep.push_back(t->contiguous());
+    s.dw = keep[keep.size() - 3].data_ptr<float>();
+    s.wp = keep[keep.size() - 2].data_ptr<float>();
+    s.bias = keep[keep.size() - 1].data_ptr<float>();
+    s.rs = nullptr;
+    if (s.res && res_scales[l].defined() && res_scales[l].numel() > 0) {
+      TORCH_CHECK(res_scales[l].numel() == s.N, "leanconv cpu sic stack: bad residual scale");
+      keep.push_back(res_scales[l].contiguous());
+      s.rs = keep.back().data_ptr<float>();
+    }
+    s.row = pick_row(g.kh, g.kw);
+    H = std::max<int64_t>(g.OH, 0); W = std::max<int64_t>(g.OW, 0); C = s.N;
+  }
+  const Dw& last = L[m - 1].g;
+  at::Tensor y = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (B == 0 || H == 0 || W == 0) return y;
+  for (const StackLayer& s : L) TORCH_CHECK(s.g.OH > 0 && s.g.OW > 0, "leanconv cpu sic stack: an empty intermediate");
+
+  // rows of each intermediate a band of r output rows needs at most; the band's buffer size
+  auto sizes = [&](int64_t r, std::vector<int64_t>* rows) {
+    rows->assign(m, 0);
+    (*rows)[m - 1] = r;
+    int64_t bytes = 0;
+    for (int64_t l = m - 1; l > 0; --l) {
+      const Dw& g = L[l].g;
+      (*rows)[l - 1] = std::min<int64_t>(g.H, ((*rows)[l] - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+      bytes += (*rows)[l - 1] * g.W * g.C * (int64_t)sizeof(float);
+    }
+    return bytes;
+  };
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> rows;
+  int64_t rpb = 1;
+  while (rpb < last.OH && sizes(rpb + 1, &rows) <= band_bytes) ++rpb;
+  // at least one band per thread (batch 1: the threads split the image's rows)
+  rpb = std::min(rpb, std::max<int64_t>(1, (last.OH * B + threads - 1) / threads / B));
+  const int64_t per_image = (last.OH + rpb - 1) / rpb;
+  sizes(rpb, &rows);
+  // depthwise sub-band: about a quarter of the target, at least one row
+  std::vector<int64_t> sub(m), offset(m + 1, 0);
+  int64_t dw_floats = 0;
+  for (int64_t l = 0; l < m; ++l) {
+    const int64_t row_floats = L[l].g.OW * L[l].K;
+    sub[l] = std::max<int64_t>(1, band_bytes / 4 / (row_floats * (int64_t)sizeof(float)));
+    dw_floats = std::max(dw_floats, sub[l] * row_floats);
+    if (l < m - 1) offset[l + 1] = offset[l] + rows[l] * L[l].g.OW * L[l].N;
+  }
+  const int64_t total_floats = offset[m - 1] + dw_floats + 16;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t img = x.size(1) * x.size(2) * x.size(3);
+
+  at::parallel_for(0, B * per_image, 1, [&](int64_t first, int64_t end) {
+    float* buf = stack_buffer.get(total_floats);
+    float* dwbuf = buf + offset[m - 1];
+    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m);
+    int64_t prev_n = -1;
+    for (int64_t task = first; task < end; ++task) {
+      const int64_t n = task / per_image, band = task % per_image;
+      lo[m - 1] = band * rpb;
+      hi[m - 1] = std::min(last.OH, lo[m - 1] + rpb);
+      for (int64_t l = m - 1; l > 0; --l) input_rows(L[l].g, lo[l], hi[l], &lo[l - 1], &hi[l - 1]);
+      for (int64_t l = 0; l < m; ++l) {
+        const StackLayer& s = L[l];
+        const Dw& g = s.g;
+        // this layer's input, addressed by image row (only rows [lo[l-1], hi[l-1]) are held)
+        const float* in = l == 0 ? xp + n * img : buf + offset[l - 1] - lo[l - 1] * g.W * g.C;
+        float* out = l == m - 1 ? yp + (n * g.OH + lo[l]) * g.OW * s.N : buf + offset[l];
+        const float* res = s.res ? in + lo[l] * g.W * g.C : nullptr;  // same shape: input row = output row
+        int64_t start = lo[l];
+        if (l < m - 1 && prev_n == n && plo[l] <= lo[l] && lo[l] < phi[l]) {
+          // the previous band of this image (this thread's) computed the halo rows: moved, not recomputed
+          const int64_t row = g.OW * s.N;
+          std::memmove(out, out + (lo[l] - plo[l]) * row, (phi[l] - lo[l]) * row * sizeof(float));
+          start = phi[l];
+        }
+        for (int64_t a = start; a < hi[l]; a += sub[l]) {
+          const int64_t b = std::min(hi[l], a + sub[l]);
+          for (int64_t r = a; r < b; ++r) s.row(in, s.dw, dwbuf + (r - a) * g.OW * s.K, s.K, g, r);
+          const int64_t done = (a - lo[l]) * g.OW * s.N;
+          Epilogue e{s.bias, s.rs, res ? res + done : nullptr, s.relu};
+          band_gemm(dwbuf, (b - a) * g.OW, s.K, s.wp, s.N, out + done, e);
+        }
+      }
+      prev_n = n;
+      plo = lo;
+      phi = hi;
+    }
+  });
+  return y;
+}
+
 // (ceil(N / NR), K, NR): the projection (K, N) in panels of NR columns, zero-padded, for band_gemm.
 at::Tensor pack_projection(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "leanconv cpu: the projection must be (K, N) float32");
@@ -325,4 +546,5 @@ at::Tensor pack_projection(const at::Tensor& w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_projection", &pack_projection, "the projection in the GEMM's panel layout");
   m.def("sic_forward", &sic_forward, "fused depthwise + 1x1 projection + epilogue, band by band (NHWC float32)");
+  m.def("sic_stack_forward", &sic_stack_forward, "a whole stack of SIC layers, band by band (NHWC float32)");
 }

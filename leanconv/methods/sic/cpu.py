@@ -52,6 +52,28 @@ sic_layer_op = torch.library.custom_op("leanconv::cpu_sic_layer", mutates_args=(
 sic_layer_op.register_fake(_sic_fake)
 
 
+@torch.no_grad()
+def pack_split(op: SplitOp) -> tuple[Tensor, Tensor, Tensor, tuple[list[int], ...]]:
+    """The kernel's operands of a SplitOp ``covered`` by it: depthwise filters ``(b, kh*kw, C)``,
+    the projection packed by the module's ``pack_projection``, the bias with the depthwise bias
+    folded in, and ``(kernel, stride, padding, dilation)``."""
+    d, p = op.depthwise, op.project
+    pk = p.dense_kernel()
+    if pk is None:
+        raise ValueError("the projection has no dense form")
+    proj, pbias = pk[0][:, :, 0, 0].float(), pk[1]  # (N, C*b)
+    c = d.groups
+    b = d.weight.shape[0] // c
+    kh, kw = d.weight.shape[2:]
+    n = proj.shape[0]
+    # depthwise channel i*b + r -> slot r, channel i
+    dw = d.weight.reshape(c, b, kh * kw).permute(1, 2, 0).contiguous()  # (b, kh*kw, C)
+    weight = proj.reshape(n, c, b).permute(2, 1, 0).reshape(b * c, n).contiguous()  # (b*C, N)
+    bias = proj @ d.bias.float() + (pbias.float() if pbias is not None else 0)  # depthwise bias folded
+    geometry = ([kh, kw], list(d.stride), list(d.padding), list(d.dilation))
+    return dw, build.load().pack_projection(weight), bias.contiguous(), geometry
+
+
 class CpuSplitOp(CpuKernelOp):
     """A ``SplitOp`` (SIC or unravelled layer: depthwise, a dense 1x1 projection, the op's epilogue)
     run by ``leanconv::cpu_sic_layer``; ``ref`` runs wherever the kernel may not (autograd,
@@ -61,25 +83,11 @@ class CpuSplitOp(CpuKernelOp):
     launch = staticmethod(sic_layer)
     band_bytes = BAND_BYTES
 
-    @torch.no_grad()
     def repack(self) -> None:
-        d, p = self.ref.depthwise, self.ref.project
-        pk = p.dense_kernel()
-        if pk is None:
-            raise ValueError("the projection has no dense form")
-        proj, pbias = pk[0][:, :, 0, 0].float(), pk[1]  # (N, C*b)
-        c = d.groups
-        b = d.weight.shape[0] // c
-        kh, kw = d.weight.shape[2:]
-        n = proj.shape[0]
-        # depthwise channel i*b + r -> slot r, channel i
-        dw = d.weight.reshape(c, b, kh * kw).permute(1, 2, 0).contiguous()  # (b, kh*kw, C)
-        weight = proj.reshape(n, c, b).permute(2, 1, 0).reshape(b * c, n).contiguous()  # (b*C, N)
-        bias = proj @ d.bias.float() + (pbias.float() if pbias is not None else 0)  # depthwise bias folded
+        dw, weight, bias, self.geometry = pack_split(self.ref)
         self.register_buffer("dw", dw, persistent=False)
-        self.register_buffer("weight", build.load().pack_projection(weight), persistent=False)  # (panels, K, NR)
-        self.register_buffer("bias", bias.contiguous(), persistent=False)
-        self.geometry = ([kh, kw], list(d.stride), list(d.padding), list(d.dilation))
+        self.register_buffer("weight", weight, persistent=False)  # (panels, K, NR)
+        self.register_buffer("bias", bias, persistent=False)
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         kernel, stride, padding, dilation = self.geometry
