@@ -25,7 +25,9 @@ class TopoImpl(str, enum.Enum):
     """How a TopoConv2d computes its output."""
 
     GATHER = "gather"    # reference: gather each output's c inputs, one group per output
-    DENSE = "dense"      # the dense kernel with zeros: no saving, the fallback to compare against
+    DENSE = "dense"      # the dense kernel with zeros: no MAC saving, but one library conv (and its
+                         # backward) with no gathered copy of the input: the layer's default, for
+                         # training and calibration (optimize picks the tiled ones for inference)
     BANDS = "bands"      # 1x1: one matmul per tile of outputs over its contiguous input window
     BATCHED = "batched"  # 1x1: the same tiles in one bmm over overlapping strided windows
     GROUPED = "grouped"  # any kernel: the same tiles as one grouped conv over copied-out windows

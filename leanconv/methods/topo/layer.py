@@ -139,7 +139,10 @@ class TopoConv2d(nn.Module):
         self.register_buffer("in_perm", torch.arange(in_channels, device=device))
         self.register_buffer("out_perm", torch.arange(out_channels, device=device))
         self.register_buffer("neighbours", topology.neighbours().to(device), persistent=False)
-        self.impl, self.plan = TopoImpl.GATHER, None  # how forward computes (see set_impl)
+        # how forward computes (see set_impl): dense by default; gathering each output's inputs
+        # copies the input (out x connections / in) times, and its backward made gradient
+        # refinement of sic-topo2d stacks 6.7x slower (316 s against 47 s, VGG-56, 16 images)
+        self.impl, self.plan = TopoImpl.DENSE, None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     # ---------------------------------------------------------------- structure
