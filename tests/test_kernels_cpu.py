@@ -51,16 +51,18 @@ def kernel_ops(op) -> list[CpuKernelOp]:
     return found
 
 
-def launched(monkeypatch) -> list:
-    """Records every direct kernel launch (so a test knows the kernel ran, not its fallback)."""
+def launched(monkeypatch, op_class=None) -> list:
+    """Records every direct kernel launch of ``op_class`` (default ``CpuSplitOp``), so a test knows
+    the kernel ran, not its fallback."""
+    op_class = op_class or CpuSplitOp
     calls = []
-    real = CpuSplitOp.launch
+    real = op_class.launch
 
     def counting(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(CpuSplitOp, "launch", staticmethod(counting))
+    monkeypatch.setattr(op_class, "launch", staticmethod(counting))
     return calls
 
 
@@ -235,15 +237,7 @@ def test_fake_implementation_checks_out():
 # --------------------------------------------------------------------------- fused stacks
 
 def stack_launches(monkeypatch) -> list:
-    calls = []
-    real = CpuStackOp.launch
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(CpuStackOp, "launch", staticmethod(counting))
-    return calls
+    return launched(monkeypatch, CpuStackOp)
 
 
 def stack_kernel(op: StackOp) -> CpuStackOp:
