@@ -160,9 +160,11 @@ class TopoConv2d(nn.Module):
     def dense_weight(self) -> Tensor:
         """The equivalent dense kernel ``(out, in, kh, kw)`` (zeros where not connected)."""
         kh, kw = self.kernel_size
-        dense = self.weight.new_zeros(self.out_channels, self.in_channels, kh, kw)
-        dense[self.out_perm[:, None], self.sources] = self.weight
-        return dense
+        c = self.topology.connections
+        rows = self.out_perm[:, None].expand(-1, c).reshape(-1)
+        # index_put, not item assignment: differentiable, and torch.fx traces it
+        return self.weight.new_zeros(self.out_channels, self.in_channels, kh, kw).index_put(
+            (rows, self.sources.reshape(-1)), self.weight.reshape(-1, kh, kw))
 
     @torch.no_grad()
     def load_dense(self, dense: Tensor) -> None:
@@ -212,6 +214,8 @@ class TopoConv2d(nn.Module):
             padding = (0, 0)
         else:
             padding = self.padding
+        if self.impl is TopoImpl.DENSE:  # sizes from the module, so that torch.fx traces it too
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, padding, self.dilation)
         if self.impl is TopoImpl.GATHER:
             return LF.topo_conv_reference(x, self.weight, self.sources, self.out_perm, self.bias,
                                           self.stride, padding, self.dilation)
