@@ -51,6 +51,18 @@ def kernel_ops(op) -> list[CpuKernelOp]:
     return found
 
 
+def compiled_graph(module, x):
+    """``module(x)`` through ``torch.compile(fullgraph=True)``, and the one FX graph it compiled."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    y = torch.compile(module, backend=backend, fullgraph=True)(x)
+    return y, graphs[0]
+
+
 def launched(monkeypatch, op_class=None) -> list:
     """Records every direct kernel launch of ``op_class`` (default ``CpuSplitOp``), so a test knows
     the kernel ran, not its fallback."""
@@ -201,17 +213,11 @@ def test_compile_and_export_see_one_custom_op_per_layer():
     frozen = freeze(stack)
     fused = StackOp([kernel_ops(op)[0] for op in frozen.ops], frozen.residual)
     x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
     with torch.no_grad():
-        y = torch.compile(fused, backend=backend, fullgraph=True)(x)
+        y, graph = compiled_graph(fused, x)
         program = torch.export.export(fused, (x,))
         ref = frozen(x)
-    calls = [n.target for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is not getattr]
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_function" and n.target is not getattr]
     assert calls.count(torch.ops.leanconv.cpu_sic_layer.default) == 2 and len(calls) == 2, calls
     exported = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert exported.count(torch.ops.leanconv.cpu_sic_layer.default) == 2, exported
@@ -346,17 +352,11 @@ def test_fused_stack_falls_back_and_compiles_to_one_custom_op(monkeypatch):
     xg = x.clone().requires_grad_()
     fused(xg).sum().backward()
     assert xg.grad is not None and calls == [], "portable and autograd run the StackOp"
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
     with torch.no_grad():
-        y = torch.compile(fused, backend=backend, fullgraph=True)(x)
+        y, graph = compiled_graph(fused, x)
         args = fused.kernel_args(x, None)
         torch.library.opcheck(fused.kernel, args, test_utils=("test_schema", "test_faketensor"))
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is not getattr]
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function" and n.target is not getattr]
     assert targets == [torch.ops.leanconv.cpu_sic_stack.default], targets
     assert rel_err(y, ref) < TOL
 
