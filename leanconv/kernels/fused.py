@@ -8,13 +8,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from leanconv.errors import ConfigError
+from leanconv.kernels import AlternativeTable
 from leanconv.kernels.triton_util import DTYPES, kernel_module, kernel_path, load_kernels, runs_on  # noqa: F401
 from leanconv.optimize.ops import InferenceOp, KernelOp
 from leanconv.registry import register_alternatives
 
 # frozen op type -> functions returning its fused alternatives (registered where each kernel is defined)
-_BUILDERS: dict[type, list[Callable[[InferenceOp], list["FusedOp"]]]] = {}
+_BUILDERS = AlternativeTable()
 # kernel modules imported on first use besides those a method's home registers with
 # ``triton_util.kernel_module`` (which is how a method adds its own)
 _KERNEL_MODULES: tuple[str, ...] = ()
@@ -23,10 +23,7 @@ _KERNEL_MODULES: tuple[str, ...] = ()
 def fused_alternative(op_type: type) -> Callable:
     """Register a function ``op -> [FusedOp, ...]`` giving fused alternatives of ``op_type`` ops
     (an empty list where the op's structure is not covered)."""
-    def register(fn: Callable) -> Callable:
-        _BUILDERS.setdefault(op_type, []).append(fn)
-        return fn
-    return register
+    return _BUILDERS.register(op_type)
 
 
 @register_alternatives
@@ -40,13 +37,7 @@ def gpu_alternatives(op: InferenceOp) -> list["FusedOp"]:
     for name in _KERNEL_MODULES:  # each registers its builders on first import
         importlib.import_module(name)
     load_kernels()  # the kernel modules the methods registered (triton_util.kernel_module)
-    out: list[FusedOp] = []
-    for build in _BUILDERS.get(type(op), []):
-        try:
-            out += build(op)
-        except ConfigError:  # a structure these kernels do not cover: no alternative, not an error
-            continue
-    return out
+    return _BUILDERS.build(op)
 
 
 class FusedOp(KernelOp):

@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from leanconv.errors import ConfigError
+from leanconv.kernels import AlternativeTable
 from leanconv.kernels.cpu import build
 from leanconv.registry import register_alternatives
 
 # frozen op type -> functions returning its CPU-kernel alternatives (registered where each kernel is defined)
-_BUILDERS: dict[type, list[Callable]] = {}
+_BUILDERS = AlternativeTable()
 _KERNEL_MODULES: list[str] = []  # registered by the methods' homes (kernel_module)
 
 
@@ -37,10 +37,7 @@ def kernel_module(name: str, source: str | Path) -> None:
 def cpu_alternative(op_type: type) -> Callable:
     """Register a function ``op -> [op, ...]`` giving CPU-kernel alternatives of ``op_type`` ops
     (an empty list where the op's structure is not covered or the kernels are unavailable)."""
-    def register(fn: Callable) -> Callable:
-        _BUILDERS.setdefault(op_type, []).append(fn)
-        return fn
-    return register
+    return _BUILDERS.register(op_type)
 
 
 @register_alternatives
@@ -55,10 +52,4 @@ def cpu_alternatives(op) -> list:
         return []
     for name in _KERNEL_MODULES:  # each registers its builders on first import
         importlib.import_module(name)
-    out: list = []
-    for build in _BUILDERS.get(type(op), []):
-        try:
-            out += build(op)
-        except ConfigError:  # a structure these kernels do not cover: no alternative, not an error
-            continue
-    return out
+    return _BUILDERS.build(op)
