@@ -50,8 +50,27 @@ def one_thread():
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    """||a - b|| / ||b||, in float64 on the CPU."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def randomized(layer: nn.Module) -> nn.Module:
+    """Random weights everywhere, random BatchNorm statistics, and a random channel -> grid
+    assignment in topological layers; in eval mode."""
+    from leanconv.methods import TopoConv2d
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        for m in layer.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+            if isinstance(m, TopoConv2d):
+                m.set_assignment(torch.randperm(m.in_channels, generator=g), torch.randperm(m.out_channels, generator=g))
+    return layer.eval()
 
 
 class StdConv(nn.Conv2d):

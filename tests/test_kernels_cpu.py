@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leanconv
+from conftest import randomized, rel_err
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.kernels.cpu import build, cpu_alternatives
 from leanconv.kernels.cpu.op import CpuKernelOp
@@ -25,23 +26,6 @@ from leanconv.optimize.ops import ConvOp, StackOp
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="the CPU kernels cannot be built here")
 TOL = 1e-5
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def randomized(layer: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-        for m in layer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return layer.eval()
 
 
 def kernel_ops(op) -> list[CpuKernelOp]:

@@ -34,6 +34,7 @@ finally:
         os.environ["TRITON_INTERPRET"] = _saved
 
 import leanconv  # noqa: E402
+from conftest import randomized, rel_err  # noqa: E402
 from leanconv.kernels.fused import FusedOp, gpu_alternatives  # noqa: E402
 from leanconv.kernels.triton_util import cpu_interpreter  # noqa: E402
 from leanconv.methods import SICLayer, SICStack, SpatialBottleneck, TopoConv2d, Topology, UnraveledConv
@@ -51,26 +52,6 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 def on(device: str):
     """Where the kernels run: the interpreter on CPU tensors, or the GPU."""
     return cpu_interpreter() if device == "cpu" else contextlib.nullcontext()
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def randomized(layer: nn.Module, permute: bool = True) -> nn.Module:
-    """Random weights everywhere, and a random channel -> grid assignment in topological layers."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-        for m in layer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-            if isinstance(m, TopoConv2d) and permute:
-                m.set_assignment(torch.randperm(m.in_channels, generator=g), torch.randperm(m.out_channels, generator=g))
-    return layer.eval()
 
 
 def reference(layer: nn.Module, x, residual, res_scale, relu: bool, dtype):
