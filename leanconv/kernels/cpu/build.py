@@ -13,6 +13,9 @@ from types import ModuleType
 import torch
 
 SOURCES: list[Path] = []  # C++ sources of the methods' kernels (kernels.cpu.kernel_module), one extension
+HERE = Path(__file__).parent
+MODULE = HERE / "module.cpp"  # the extension's one PYBIND11_MODULE: binds what every source registered
+HEADERS = sorted(HERE.glob("*.h"))  # shared by every source (kernels.h: vectors, band GEMM, registration)
 DISABLE_ENV = "LEANCONV_CPU_KERNELS"  # "0": never build or offer the CPU kernels
 
 # compiler flags per torch CPU capability (torch.backends.cpu.get_cpu_capability(): what this CPU
@@ -43,7 +46,7 @@ def cache_root() -> Path:
 def build_tag() -> str:
     """What a build depends on: the sources, the flags, torch's version and the ISA."""
     h = hashlib.sha256()
-    for path in SOURCES:
+    for path in [MODULE, *HEADERS, *SOURCES]:
         h.update(path.read_bytes())
     flags = BASE_FLAGS + ISA_FLAGS.get(isa(), [])
     h.update(" ".join(flags).encode())
@@ -86,11 +89,12 @@ def _build() -> ModuleType:
     where.mkdir(parents=True, exist_ok=True)
     if not SOURCES:
         raise BuildError("no method registered C++ kernel sources")
-    src = [str(path) for path in SOURCES]
+    src = [str(path) for path in [MODULE, *SOURCES]]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cpp_extension.load(name=f"leanconv_cpu_{tag}", sources=src, build_directory=str(where),
+                                      extra_include_paths=[str(HERE)],
                                       extra_cflags=BASE_FLAGS + ISA_FLAGS.get(isa(), []),
                                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a compiler error, a missing header, a linker failure: say it in one line
