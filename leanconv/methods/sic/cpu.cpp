@@ -135,7 +135,15 @@ void dw_row(const float* x, const float* w, float* out, int64_t ldo, const Dw& g
   int64_t ow = p.lo;
   if constexpr (KW_ > 0) {
     if (g.sw == 1 && g.dw == 1)
-      for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block_unit<U>(ow); });
+      for (; ow + U <= p.hi; ow += U) {
+        // the input window of the block two ahead, into L1 (the rows stream from L3 / memory)
+        const int64_t ahead = ow + 2 * U - g.pw;
+        if (ahead + U + KW_ <= g.W)
+          for (int64_t i = 0; i < g.kh; ++i)
+            for (const char *q = (const char*)(p.rows[i] + ahead * C), *e = q + U * C * sizeof(float); q < e; q += 64)
+              __builtin_prefetch(q);
+        each([&](const auto& k) { k.template block_unit<U>(ow); });
+      }
   }
   for (; ow + U <= p.hi; ow += U) each([&](const auto& k) { k.template block<U>(ow); });
   for (; ow < p.hi; ++ow) each([&](const auto& k) { k.template block<1>(ow); });
