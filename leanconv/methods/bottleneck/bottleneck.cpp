@@ -76,58 +76,82 @@ void down_row(const Bn& g, const float* in, int64_t r, float* z) {
 
 // Output row p (image row) of `up` from its reduced row z (rw x N): out[p, q, n] = relu?(z[(q + off)
 // / k, n] * up[(p + off) % k, (q + off) % k, n] + bias[n] + rs[n] * res[p, q, n]). out and res are
-// the row's start.
-template <int K_>
+// the row's start. The epilogue's switches are compile-time and every operand a local (a store
+// through `out` could otherwise alias the layer's fields, which then reload per vector).
+template <int K_, bool RES, bool RS, bool RELU>
 void up_row(const Bn& g, const float* z, int64_t p, float* out, const float* res) {
-  const int64_t k = K_ ? K_ : g.k, N = g.N, nv = N / 16 * 16;
-  const int64_t a = (p + g.off) % k;
-  const float* ua = g.up + a * k * N;
-  for (int64_t c = 0; c < g.rw; ++c) {
+  const int64_t k = K_ ? K_ : g.k, N = g.N, nv = N / 16 * 16, W = g.W, rw = g.rw, off = g.off;
+  const float* ua = g.up + ((p + off) % k) * k * N;
+  const float* bias = g.bias;
+  const float* rs = g.rs;
+  for (int64_t c = 0; c < rw; ++c) {
     const float* zc = z + c * N;
-    const int64_t q0 = c * k - g.off;
-    const int64_t t0 = std::max<int64_t>(0, -q0), t1 = std::min<int64_t>(k, g.W - q0);
+    const int64_t q0 = c * k - off;
+    const int64_t t0 = std::max<int64_t>(0, -q0), t1 = std::min<int64_t>(k, W - q0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t q = q0 + t;
       const float* u = ua + t * N;
       float* o = out + q * N;
-      const float* rr = res ? res + q * N : nullptr;
+      const float* rr = RES ? res + q * N : nullptr;
       for (int64_t n = 0; n < nv; n += 16) {
-        v16 v = load<v16>(zc + n) * load<v16>(u + n) + load<v16>(g.bias + n);
-        if (rr) v += (g.rs ? load<v16>(g.rs + n) : v16{} + 1.0f) * load<v16>(rr + n);
-        if (g.relu) v = v > 0.0f ? v : v16{};
+        v16 v = load<v16>(zc + n) * load<v16>(u + n) + load<v16>(bias + n);
+        if constexpr (RES) v += (RS ? load<v16>(rs + n) : v16{} + 1.0f) * load<v16>(rr + n);
+        if constexpr (RELU) v = v > 0.0f ? v : v16{};
         store<v16>(o + n, v);
       }
       for (int64_t n = nv; n < N; ++n) {
-        float v = zc[n] * u[n] + g.bias[n];
-        if (rr) v += (g.rs ? g.rs[n] : 1.0f) * rr[n];
-        o[n] = g.relu && v < 0.0f ? 0.0f : v;
+        float v = zc[n] * u[n] + bias[n];
+        if constexpr (RES) v += (RS ? rs[n] : 1.0f) * rr[n];
+        o[n] = RELU && v < 0.0f ? 0.0f : v;
       }
     }
   }
 }
 
+using UpFn = void (*)(const Bn&, const float*, int64_t, float*, const float*);
+
+template <int K_>
+UpFn pick_up(bool res, bool rs, bool relu) {
+  if (!res) return relu ? up_row<K_, false, false, true> : up_row<K_, false, false, false>;
+  if (rs) return relu ? up_row<K_, true, true, true> : up_row<K_, true, true, false>;
+  return relu ? up_row<K_, true, false, true> : up_row<K_, true, false, false>;
+}
+
 // Output rows [p0, p1) of one image: `in`, `out` and `res` (null: none) addressed by image row (row
 // ih at in + ih * W * C). Reduced rows go `sub` at a time through zbuf (sub * rw * C floats) and
-// z2buf (sub * rw * N).
+// z2buf (sub * rw * N). carry (rw * N floats, or null): the projection output of reduced row
+// *carry_row, kept from the previous call; used if that is the first row needed here, and replaced
+// by the last row computed (a stack's bands cut the cells they share at their edges).
 template <int K_>
 void bn_rows(const Bn& g, const float* in, float* out, const float* res, int64_t p0, int64_t p1, int64_t sub,
-             float* zbuf, float* z2buf) {
+             float* zbuf, float* z2buf, float* carry, int64_t* carry_row) {
   if (p0 >= p1) return;
-  const int64_t k = K_ ? K_ : g.k;
+  const int64_t k = K_ ? K_ : g.k, rowf = g.W * g.N;
   const int64_t rf = (p0 + g.off) / k, rl = (p1 - 1 + g.off) / k + 1;
   const Epilogue e{g.pbias, nullptr, nullptr, false};
-  for (int64_t r0 = rf; r0 < rl; r0 += sub) {
+  const UpFn up = pick_up<K_>(res != nullptr, g.rs != nullptr, g.relu);
+  int64_t r0 = rf;
+  if (carry && *carry_row == rf) {
+    for (int64_t p = p0, b = std::min(p1, (rf + 1) * k - g.off); p < b; ++p)
+      up(g, carry, p, out + p * rowf, res ? res + p * rowf : nullptr);
+    r0 = rf + 1;
+  }
+  for (; r0 < rl; r0 += sub) {
     const int64_t r1 = std::min(rl, r0 + sub);
     for (int64_t r = r0; r < r1; ++r) down_row<K_>(g, in, r, zbuf + (r - r0) * g.rw * g.C);
     band_gemm(zbuf, (r1 - r0) * g.rw, g.C, g.wp, g.N, z2buf, e);
     const int64_t a = std::max(p0, r0 * k - g.off), b = std::min(p1, r1 * k - g.off);
     for (int64_t p = a; p < b; ++p)
-      up_row<K_>(g, z2buf + ((p + g.off) / k - r0) * g.rw * g.N, p, out + p * g.W * g.N,
-                 res ? res + p * g.W * g.N : nullptr);
+      up(g, z2buf + ((p + g.off) / k - r0) * g.rw * g.N, p, out + p * rowf, res ? res + p * rowf : nullptr);
+    if (carry && r1 == rl) {
+      std::memcpy(carry, z2buf + (rl - 1 - r0) * g.rw * g.N, g.rw * g.N * sizeof(float));
+      *carry_row = rl - 1;
+    }
   }
 }
 
-using RowsFn = void (*)(const Bn&, const float*, float*, const float*, int64_t, int64_t, int64_t, float*, float*);
+using RowsFn = void (*)(const Bn&, const float*, float*, const float*, int64_t, int64_t, int64_t, float*, float*, float*,
+                        int64_t*);
 
 RowsFn pick_rows(int64_t k) {
   if (k == 2) return bn_rows<2>;
@@ -210,7 +234,7 @@ at::Tensor bottleneck_forward(const at::Tensor& x_in, const at::Tensor& down, co
       const int64_t r0 = band * rpb, r1 = std::min(g.rh, r0 + rpb);
       const int64_t p0 = std::max<int64_t>(0, r0 * k - offset), p1 = std::min<int64_t>(H, r1 * k - offset);
       rows(g, xp + n * in_img, yp + n * out_img, resp ? resp + n * out_img : nullptr, p0, p1, rpb, buf,
-           buf + rpb * g.rw * g.C);
+           buf + rpb * g.rw * g.C, nullptr, nullptr);
     }
   });
   return y;
@@ -221,7 +245,8 @@ at::Tensor bottleneck_forward(const at::Tensor& x_in, const at::Tensor& down, co
 // output rows by band: the intermediate rows live in the per-thread buffer only. A layer's output
 // rows [lo, hi) read its input rows of the cells they lie in; a band that follows its image's
 // previous band on the same thread moves the rows that band already computed instead of
-// recomputing them (the reduced row of a cell cut by the band edge is recomputed).
+// recomputing them, and takes the projection output of the reduced row of a cell cut by the band
+// edge from that band too (offsets alternate, so a band edge cuts the cells of every layer but one).
 
 // x -> layer_{m-1}(... layer_0(x)). Per layer l: downs[l] (k*k, C_l), weights[l] packed, pbiases[l],
 //   ups[l] (k*k, N_l), biases[l], res_scales[l] (N_l,) or empty (scale 1); geometry: 2 ints per
@@ -295,7 +320,9 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
     zfloats = std::max(zfloats, sub[l] * L[l].rw * (L[l].C + L[l].N));
     if (l < m - 1) offset[l + 1] = offset[l] + rows[l] * W * L[l].N;
   }
-  const int64_t total = offset[m - 1] + zfloats + 16;
+  int64_t carry_floats = 0;  // one reduced row of projection output per layer
+  for (int64_t l = 0; l < m; ++l) carry_floats = std::max(carry_floats, L[l].rw * L[l].N);
+  const int64_t total = offset[m - 1] + zfloats + m * carry_floats + 16;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t in_img = x.size(1) * H * W;
@@ -303,13 +330,15 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
   at::parallel_for(0, B * per_image, 1, [&](int64_t first, int64_t end) {
     float* buf = bn_stack_buffer.get(total);
     float* zbuf = buf + offset[m - 1];
-    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m);
+    float* carries = zbuf + zfloats;
+    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m), carry_row(m, -1);
     int64_t prev_n = -1;
     for (int64_t task = first; task < end; ++task) {
       const int64_t n = task / per_image, band = task % per_image;
       lo[m - 1] = band * rpb;
       hi[m - 1] = std::min(H, lo[m - 1] + rpb);
       for (int64_t l = m - 1; l > 0; --l) need(l, lo[l], hi[l], &lo[l - 1], &hi[l - 1]);
+      if (prev_n != n) std::fill(carry_row.begin(), carry_row.end(), -1);
       for (int64_t l = 0; l < m; ++l) {
         const Bn& g = L[l];
         // this layer's input and output, addressed by image row (only the held rows exist)
@@ -323,8 +352,8 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
           std::memmove(base, base + (lo[l] - plo[l]) * row, (phi[l] - lo[l]) * row * sizeof(float));
           start = phi[l];
         }
-        fns[l](g, in, out, residual[l] ? in : nullptr, start, hi[l], sub[l], zbuf,
-               zbuf + sub[l] * g.rw * g.C);
+        fns[l](g, in, out, residual[l] ? in : nullptr, start, hi[l], sub[l], zbuf, zbuf + sub[l] * g.rw * g.C,
+               carries + l * carry_floats, &carry_row[l]);
       }
       prev_n = n;
       plo = lo;
