@@ -313,12 +313,17 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
   rpb = std::min(rpb, std::max<int64_t>(1, (H * B + threads - 1) / threads / B));
   const int64_t per_image = (H + rpb - 1) / rpb;
   held(rpb, &rows);
-  std::vector<int64_t> offset(m + 1, 0), sub(m);
+  // each intermediate's rows slide through a window of kSlack times the rows a band holds: a band
+  // appends its rows after the previous band's, and only when the window is full are the rows it
+  // still needs moved to the window's start (not once per band)
+  constexpr int64_t kSlack = 4;
+  std::vector<int64_t> offset(m + 1, 0), sub(m), cap(m);
   int64_t zfloats = 0;
   for (int64_t l = 0; l < m; ++l) {
     sub[l] = sub_rows(L[l], band_bytes / 4);
     zfloats = std::max(zfloats, sub[l] * L[l].rw * (L[l].C + L[l].N));
-    if (l < m - 1) offset[l + 1] = offset[l] + rows[l] * W * L[l].N;
+    cap[l] = kSlack * rows[l];
+    if (l < m - 1) offset[l + 1] = offset[l] + cap[l] * W * L[l].N;
   }
   int64_t carry_floats = 0;  // one reduced row of projection output per layer
   for (int64_t l = 0; l < m; ++l) carry_floats = std::max(carry_floats, L[l].rw * L[l].N);
@@ -331,7 +336,7 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
     float* buf = bn_stack_buffer.get(total);
     float* zbuf = buf + offset[m - 1];
     float* carries = zbuf + zfloats;
-    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m), carry_row(m, -1);
+    std::vector<int64_t> lo(m), hi(m), plo(m), phi(m), carry_row(m, -1), base(m, 0);
     int64_t prev_n = -1;
     for (int64_t task = first; task < end; ++task) {
       const int64_t n = task / per_image, band = task % per_image;
@@ -341,17 +346,24 @@ at::Tensor bottleneck_stack_forward(const at::Tensor& x_in, const std::vector<at
       if (prev_n != n) std::fill(carry_row.begin(), carry_row.end(), -1);
       for (int64_t l = 0; l < m; ++l) {
         const Bn& g = L[l];
-        // this layer's input and output, addressed by image row (only the held rows exist)
-        const float* in = l == 0 ? xp + n * in_img : buf + offset[l - 1] - lo[l - 1] * W * g.C;
-        float* out = l == m - 1 ? yp + n * H * W * g.N : buf + offset[l] - lo[l] * W * g.N;
+        // this layer's input and output, addressed by image row (window row 0 is image row base[l])
+        const float* in = l == 0 ? xp + n * in_img : buf + offset[l - 1] - base[l - 1] * W * g.C;
         int64_t start = lo[l];
-        if (l < m - 1 && prev_n == n && plo[l] <= lo[l] && lo[l] < phi[l]) {
-          // the previous band of this image (this thread's) computed rows [lo, phi): moved
-          const int64_t row = W * g.N;
-          float* base = buf + offset[l];
-          std::memmove(base, base + (lo[l] - plo[l]) * row, (phi[l] - lo[l]) * row * sizeof(float));
-          start = phi[l];
+        if (l < m - 1) {
+          if (prev_n == n && plo[l] <= lo[l] && lo[l] < phi[l]) {
+            // the previous band of this image (this thread's) computed rows [lo, phi): kept
+            start = phi[l];
+            if (hi[l] - base[l] > cap[l]) {  // the window is full: move them to its start
+              const int64_t row = W * g.N;
+              float* w0 = buf + offset[l];
+              std::memmove(w0, w0 + (lo[l] - base[l]) * row, (phi[l] - lo[l]) * row * sizeof(float));
+              base[l] = lo[l];
+            }
+          } else {
+            base[l] = lo[l];
+          }
         }
+        float* out = l == m - 1 ? yp + n * H * W * g.N : buf + offset[l] - base[l] * W * g.N;
         fns[l](g, in, out, residual[l] ? in : nullptr, start, hi[l], sub[l], zbuf, zbuf + sub[l] * g.rw * g.C,
                carries + l * carry_floats, &carry_row[l]);
       }

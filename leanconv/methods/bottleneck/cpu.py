@@ -19,8 +19,10 @@ from leanconv.methods.bottleneck.op import BottleneckOp
 from leanconv.optimize.ops import ConvOp
 
 # bytes of reduced rows (down's and the projection's outputs) per band and thread: with the band's
-# input and output rows (k^2 times as many pixels) it stays inside the 2 MiB L2
-BAND_BYTES = 128 << 10
+# input and output rows (k^2 times as many pixels) it stays inside the 2 MiB L2. Timed, 1 thread,
+# the sic-bottleneck stack's layers at 64-512 channels: 128-512 KiB within 5% of each other, 64 KiB
+# and 1 MiB up to 1.2x slower at 64-128 channels
+BAND_BYTES = 256 << 10
 
 
 def bottleneck_layer(x: Tensor, down: Tensor, weight: Tensor, pbias: Tensor, up: Tensor, bias: Tensor,

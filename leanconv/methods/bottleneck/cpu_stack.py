@@ -16,9 +16,14 @@ from leanconv.methods.bottleneck.cpu import CpuBottleneckOp, covered, pack_bottl
 from leanconv.methods.bottleneck.op import BottleneckOp
 from leanconv.optimize.ops import StackOp
 
-# bytes of intermediate rows per band and thread (every layer's but the last's); the reduced-row
-# buffer is a quarter of it; the band's input and output rows come on top
-STACK_BAND_BYTES = 1 << 20
+# bytes of intermediate rows per band and thread (every layer's but the last's), at least; the
+# reduced-row buffer is a quarter of it; the band's input and output rows come on top. Every band
+# runs every layer, so all the stack's packed projections pass through the cache once per band:
+# where they are large (4 MiB at 512 channels) the band grows to twice their size, so they are
+# read once per many rows. Timed, 1 thread, sic-bottleneck stacks (cpu_kernels.py shapes): 512 KiB
+# fastest at 64-128 channels (224x224, 112x112; 1-8 MiB up to 1.6x slower), the whole map fastest
+# at 512 channels (28x28, 14x14; 512 KiB up to 1.3x slower)
+STACK_BAND_BYTES = 512 << 10
 
 
 def bottleneck_stack(x: Tensor, downs: list[Tensor], weights: list[Tensor], pbiases: list[Tensor], ups: list[Tensor],
@@ -65,7 +70,7 @@ class CpuBottleneckStackOp(CpuKernelOp):
 
     kernel = staticmethod(bottleneck_stack_op)
     launch = staticmethod(bottleneck_stack)
-    band_bytes = STACK_BAND_BYTES
+    band_bytes: int | None = None  # None: STACK_BAND_BYTES or twice the packed projections' bytes
 
     res_scale = property(lambda self: None)
 
@@ -83,6 +88,8 @@ class CpuBottleneckStackOp(CpuKernelOp):
                 self.register_buffer(name, t, persistent=False)
             self.operands.append(names)
         self.relus = [bool(op.relu) for op in self.ref.ops]
+        weights = sum(getattr(self, names[1]).numel() * 4 for names in self.operands)
+        self.auto_band_bytes = max(STACK_BAND_BYTES, 2 * weights)
 
     @torch.no_grad()
     def fold_affine(self, a: Tensor, b: Tensor) -> None:
@@ -100,7 +107,8 @@ class CpuBottleneckStackOp(CpuKernelOp):
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         get = [[getattr(self, names[j]) for names in self.operands] for j in range(6)]
         relus = self.relus[:-1] + [bool(self.ref.relu)]  # the last op's ReLU may be set after packing
-        return (x, *get, self.geometry, relus, list(self.ref.residual), self.band_bytes)
+        band = self.band_bytes if self.band_bytes is not None else self.auto_band_bytes
+        return (x, *get, self.geometry, relus, list(self.ref.residual), band)
 
     def impl_name(self) -> str:
         return f"cpu:bottleneck-stack x{len(self.operands)}"
