@@ -207,10 +207,14 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
         del os.environ[build.DISABLE_ENV]
         build.reset()
         models["kernels"] = leanconv.optimize(conv, x, guard=False)
-    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks
-    stacks = [m for m in models["kernels"].modules() if isinstance(m, CpuStackOp)]
+    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks (SIC and bottleneck)
+    from leanconv.kernels.cpu.op import CpuKernelOp
+    from leanconv.methods.bottleneck.cpu_stack import CpuBottleneckStackOp
+
+    stacks = [m for m in models["kernels"].modules() if isinstance(m, (CpuStackOp, CpuBottleneckStackOp))]
     inside = {id(m) for s in stacks for m in s.modules()}
-    layers = sum(isinstance(m, CpuSplitOp) and id(m) not in inside for m in models["kernels"].modules())
+    layers = sum(isinstance(m, CpuKernelOp) and m not in stacks and id(m) not in inside
+                 for m in models["kernels"].modules())
     xc = x.contiguous(memory_format=torch.channels_last)
     fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
     load = os.getloadavg()[0]
