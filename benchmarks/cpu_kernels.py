@@ -10,6 +10,9 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
         # whole network: original, converted without the kernels, converted with them, one process
     python benchmarks/cpu_kernels.py --stack 2 --threads 1 --cpu-time
         # a SIC stack of m layers (residual on the second on): library, per-layer kernels, fused stack
+    python benchmarks/cpu_kernels.py --bottleneck --threads 1 --cpu-time
+        # sic-bottleneck's stack of two bottleneck pairs per shape: today's best implementation of each
+        # layer, the per-layer kernel (cpu:bottleneck), the fused stack (cpu:bottleneck-stack)
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -92,6 +95,69 @@ def stacks(a) -> int:
     return 0
 
 
+def bottlenecks(a) -> int:
+    """The stack ``sic-bottleneck`` makes of a 3x3 conv (two spatial-bottleneck pairs, offsets 0 / 1 /
+    0 / 1, k = 2, a residual on every layer that keeps the channels, ReLU after the last) per shape:
+    the dense 3x3 conv, today's best implementation of each layer (the fastest of the BottleneckOp's
+    exact alternatives by this clock, chosen per layer before the timed run), the per-layer kernel
+    and the fused stack. Shapes ``CIxNxSIZExBATCH`` or ``NxSIZExBATCH`` (CI = N)."""
+    from leanconv.methods.bottleneck.cpu import CpuBottleneckOp
+    from leanconv.methods.bottleneck.cpu_stack import CpuBottleneckStackOp
+    from leanconv.methods.sic.layer import SICStack
+    from leanconv.optimize.freeze import freeze
+
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, sic-bottleneck stack (2 pairs, k=2), load {os.getloadavg()[0]:.2f}; "
+          "ms per call (median)")
+    print("| in x out x size x batch | dense 3x3 | today's best (per layer) | cpu:bottleneck x4 | "
+          "cpu:bottleneck-stack x4 | stack vs today | theory | realized, today | realized, per-layer | "
+          "realized, stack |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        dims = [int(v) for v in spec.split("x")]
+        ci, n, size, batch = dims if len(dims) == 4 else (dims[0], *dims)
+        x = torch.randn(batch, ci, size, size, generator=g).contiguous(memory_format=cl)
+        dense = ConvOp(torch.randn(n, ci, 3, 3, generator=g).contiguous(memory_format=cl), torch.randn(n, generator=g),
+                       padding=1, relu=True)
+        stack = SICStack.from_conv(torch.nn.Conv2d(ci, n, 3, padding=1), depth=2, bottleneck="full").eval()
+        with torch.no_grad():
+            for p in stack.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        frozen = freeze(stack)
+        frozen.relu = True
+        fused = CpuBottleneckStackOp(frozen)
+        per_layer = StackOp([CpuBottleneckOp(op) for op in frozen.ops], frozen.residual)
+        today = StackOp(list(frozen.ops), frozen.residual)
+        with torch.no_grad():  # today's best per layer, by the same clock
+            h = x
+            for i, (op, res) in enumerate(zip(frozen.ops, frozen.residual)):
+                cands = op.exact_alternatives()
+                r = h if res else None
+                t = cpu_medians({str(j): (lambda c=c: c(h, r)) for j, c in enumerate(cands)}, 3) if a.cpu_time \
+                    else {k: v.median for k, v in time_interleaved(
+                        {str(j): (lambda c=c: c(h, r)) for j, c in enumerate(cands)}, 3, 1).items()}
+                today.ops[i] = cands[int(min(t, key=t.get))]
+                h = today.ops[i](h, r)
+        names = "+".join(sorted({op.up_impl for op in today.ops}))
+        fns = {"dense": lambda: dense(x), "today": lambda: today(x), "per_layer": lambda: per_layer(x),
+               "stack": lambda: fused(x)}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        macs = (ci + ci * n / 4 + n) + 3 * (2 * n + n * n / 4)  # per output pixel
+        theory = 9 * ci * n / macs
+        r = {name: t["dense"] / t[name] / theory for name in ("today", "per_layer", "stack")}
+        print(f"| {ci}x{n}x{size}x{batch} | {t['dense'] * 1e3:.2f} | {t['today'] * 1e3:.2f} ({names}) | "
+              f"{t['per_layer'] * 1e3:.2f} | {t['stack'] * 1e3:.2f} | {t['today'] / t['stack']:.2f}x | {theory:.2f} | "
+              f"{r['today']:.2f} | {r['per_layer']:.2f} | {r['stack']:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def demo(batch: int, threads: int, repeats: int) -> int:
     """The demo's network (``fmnist_resnet``, width 32, 28x28) and its data-free sic-m2 conversion."""
     import warnings
@@ -141,10 +207,14 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
         del os.environ[build.DISABLE_ENV]
         build.reset()
         models["kernels"] = leanconv.optimize(conv, x, guard=False)
-    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks
-    stacks = [m for m in models["kernels"].modules() if isinstance(m, CpuStackOp)]
+    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks (SIC and bottleneck)
+    from leanconv.kernels.cpu.op import CpuKernelOp
+    from leanconv.methods.bottleneck.cpu_stack import CpuBottleneckStackOp
+
+    stacks = [m for m in models["kernels"].modules() if isinstance(m, (CpuStackOp, CpuBottleneckStackOp))]
     inside = {id(m) for s in stacks for m in s.modules()}
-    layers = sum(isinstance(m, CpuSplitOp) and id(m) not in inside for m in models["kernels"].modules())
+    layers = sum(isinstance(m, CpuKernelOp) and m not in stacks and id(m) not in inside
+                 for m in models["kernels"].modules())
     xc = x.contiguous(memory_format=torch.channels_last)
     fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
     load = os.getloadavg()[0]
@@ -182,6 +252,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--stack", type=int, default=0, metavar="M",
                     help="instead: SIC stacks of M layers per shape (library, per-layer kernel, fused stack)")
+    ap.add_argument("--bottleneck", action="store_true",
+                    help="instead: sic-bottleneck's stack of two bottleneck pairs per shape (today's best per "
+                         "layer, per-layer kernel, fused stack); shapes may be CIxNxSIZExBATCH")
     a = ap.parse_args()
     if a.network:
         if a.cpu_time and a.threads != 1:
@@ -193,6 +266,8 @@ def main() -> int:
         ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
     if a.stack:
         return stacks(a)
+    if a.bottleneck:
+        return bottlenecks(a)
     torch.set_num_threads(a.threads)
     keep_freed_memory()
     k, b = a.kernel, a.multiplier

@@ -316,7 +316,8 @@ def test_fused_stack_refuses_what_it_does_not_compute():
     dense.ops[1] = ConvOp(torch.randn(16, 16, 3, 3), torch.zeros(16), padding=1)
     assert cpu_alternatives(dense) == [], "a layer that is no SIC layer: no fused stack"
     bottleneck = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1), depth=2, bottleneck="full")))
-    assert cpu_alternatives(bottleneck) == [], "spatial bottleneck layers are not covered"
+    assert [a.impl_name() for a in cpu_alternatives(bottleneck)] == ["cpu:bottleneck-stack x4"], \
+        "spatial bottleneck layers: their own fused stack only"
     reflect = freeze(randomized(SICStack.from_conv(nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), depth=2)))
     assert cpu_alternatives(reflect) == []
     assert cpu_alternatives(copy.deepcopy(sic).double()) == [], "float32 only"
@@ -459,7 +460,7 @@ def test_every_recipe_optimized_with_the_kernels_keeps_its_outputs(recipe, prefe
         opt = leanconv.optimize(model, x, repeats=1, guard=False)
         y = opt(x)
     kept = [m for m in opt.modules() if isinstance(m, CpuKernelOp)]
-    offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:sic") for n in dict(c.timings))]
+    offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:") for n in dict(c.timings))]
     assert len(kept) == len(offered)
     if recipe.startswith(("sic", "unravel")):
         assert kept, f"{recipe}: no CPU kernel kept"
