@@ -10,6 +10,9 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
         # whole network: original, converted without the kernels, converted with them, one process
     python benchmarks/cpu_kernels.py --stack 2 --threads 1 --cpu-time
         # a SIC stack of m layers (residual on the second on): library, per-layer kernels, fused stack
+    python benchmarks/cpu_kernels.py --stack 4 --topology 2 --threads 1 --cpu-time
+        # the same with topological projections (sic-topo2d): tiled library, dense-matrix kernels,
+        # sparse kernels (cpu:sic-topo per layer, cpu:sic-topo-stack)
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -88,6 +91,65 @@ def stacks(a) -> int:
         print(f"| {spec} | {t['dense'] * 1e3:.2f} | {t['library'] * 1e3:.2f} | {t['per_layer'] * 1e3:.2f} | "
               f"{t['stack'] * 1e3:.2f} | {t['per_layer'] / t['stack']:.2f}x | {t['library'] / t['stack']:.2f}x | "
               f"{theory:.2f} | {r['library']:.2f} | {r['per_layer']:.2f} | {r['stack']:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def topo_stacks(a) -> int:
+    """m SIC layers with topological projections of grid rank ``a.topology`` (as sic-topo2d /
+    sic-topo3d build them: ReLU after each, a residual on each; random weights and channel
+    assignments) per shape: the dense conv they replace; the stack as optimize ran it before the
+    sparse kernels (the tiled projections, the fused stack with each projection's dense matrix);
+    the sparse kernels (per layer, fused stack)."""
+    from torch import nn
+
+    from leanconv.methods import SICStack
+    from leanconv.methods.sic.cpu import CpuSplitTopoOp
+    from leanconv.methods.sic.cpu_stack import CpuStackTopoOp
+    from leanconv.optimize.freeze import freeze
+
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k, m = a.kernel, a.stack
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, SIC stack of {m} depthwise {k}x{k} layers, {a.topology}-D topological "
+          f"projections, load {os.getloadavg()[0]:.2f}; ms per call (median)")
+    print("| channels x size x batch | density | dense kxk | tiled library | cpu:sic-stack (dense matrices) | "
+          "cpu:sic-topo x m | cpu:sic-topo-stack | best before | new vs best before | theory | realized, best before | "
+          "realized, new |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        conv = nn.Conv2d(n, n, k, padding=k // 2)
+        dense = ConvOp(conv.weight.detach().contiguous(memory_format=cl), conv.bias.detach(), padding=k // 2,
+                       relu=True)
+        torch.manual_seed(0)
+        layer = SICStack.from_conv(conv, kernel=k, depth=m, topology_rank=a.topology).eval()
+        with torch.no_grad():
+            for t in layer.modules():
+                if hasattr(t, "set_assignment"):
+                    t.set_assignment(torch.randperm(t.in_channels), torch.randperm(t.out_channels))
+        library = freeze(layer)
+        library.relu = True
+        topo = library.ops[0].project
+        density = topo.weight.shape[1] / topo.in_channels
+        fns = {"dense": lambda: dense(x), "library": lambda: library(x),
+               "stack": (lambda f=CpuStackOp(library): f(x)),
+               "per_layer": (lambda f=StackOp([CpuSplitTopoOp(o) for o in library.ops], library.residual): f(x)),
+               "topo_stack": (lambda f=CpuStackTopoOp(library): f(x))}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        connections = topo.weight.shape[1]
+        theory = (n * k * k) / (m * (k * k + connections))
+        before = min(t["library"], t["stack"])
+        new = min(t["per_layer"], t["topo_stack"])
+        print(f"| {spec} | {density:.3f} | {t['dense'] * 1e3:.2f} | {t['library'] * 1e3:.2f} | {t['stack'] * 1e3:.2f} | "
+              f"{t['per_layer'] * 1e3:.2f} | {t['topo_stack'] * 1e3:.2f} | {before * 1e3:.2f} | {before / new:.2f}x | "
+              f"{theory:.2f} | {t['dense'] / before / theory:.2f} | {t['dense'] / new / theory:.2f} |", flush=True)
     print(f"# load after: {os.getloadavg()[0]:.2f}")
     return 0
 
@@ -182,6 +244,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--stack", type=int, default=0, metavar="M",
                     help="instead: SIC stacks of M layers per shape (library, per-layer kernel, fused stack)")
+    ap.add_argument("--topology", type=int, default=0, metavar="RANK",
+                    help="with --stack: topological projections on grids of this rank (2: sic-topo2d)")
     a = ap.parse_args()
     if a.network:
         if a.cpu_time and a.threads != 1:
@@ -192,7 +256,7 @@ def main() -> int:
     if a.cpu_time and a.threads != 1:
         ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
     if a.stack:
-        return stacks(a)
+        return topo_stacks(a) if a.topology else stacks(a)
     torch.set_num_threads(a.threads)
     keep_freed_memory()
     k, b = a.kernel, a.multiplier
