@@ -66,7 +66,7 @@ def launched(monkeypatch, op_class=None) -> list:
 
 def check(layer: nn.Module, shape, epilogues, monkeypatch, band_bytes=None) -> None:
     """Every CPU-kernel alternative of ``layer`` frozen, against the layer in float64, per (residual, relu)."""
-    calls = launched(monkeypatch)
+    calls = launched(monkeypatch, topo_cpu.CpuTopoOp if isinstance(layer, TopoConv2d) else None)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g)
     with torch.no_grad():
@@ -169,6 +169,37 @@ def test_sparse_topological_projection_matches_the_layer(case, group, monkeypatc
     assert sparse[0].index[0].item() == (group or sparse[0].index[0].item())
 
 
+TOPO_CONV_CASES = {  # in, out, kernel, padding, dilation, topology, (H, W), batch; random assignments
+    "3x3-2d-paper-64": (64, 64, 3, 1, 1, Topology.auto(64, 64, 2), (9, 11), 2),
+    "3x3-3d-odd-size": (64, 48, 3, 1, 1, Topology.auto(64, 48, 3), (7, 5), 1),
+    "3x3-1d-tail-channels": (21, 35, 3, 1, 1, Topology((21,), (35,), (6,)), (6, 13), 2),
+    "1x1-2d": (32, 32, 1, 0, 1, Topology.auto(32, 32, 2), (5, 6), 2),
+    "5x5-dilated-unpadded": (24, 20, 5, 1, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 1),
+    "3x3-unpadded": (16, 16, 3, 0, 1, Topology.auto(16, 16, 2), (5, 4), 1),
+    "1-pixel-map": (32, 32, 3, 1, 1, Topology.auto(32, 32, 3), (1, 1), 3),
+    "1-row-wide": (48, 48, 3, 1, 1, Topology((4, 12), (4, 12), (2, 6)), (1, 70), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(TOPO_CONV_CASES))
+@pytest.mark.parametrize("group", (None, 1, 4))
+def test_topological_conv_kernel_matches_the_layer(case, group, monkeypatch):
+    """cpu:topo (a stride-1 TopoOp with exactly its MACs) against the layer, every epilogue."""
+    ci, co, k, p, d, topology, hw, batch = TOPO_CONV_CASES[case]
+    layer = randomized(TopoConv2d(ci, co, k, topology, padding=p, dilation=d))
+    if group is not None:
+        monkeypatch.setattr(topo_cpu, "GROUP_SIZES", (group,))
+    check(layer, (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
+    check(layer, (batch, ci, *hw), ((True, True),), monkeypatch, band_bytes=1)  # one row per band
+    found = [f for f in kernel_ops(freeze(layer)) if isinstance(f, topo_cpu.CpuTopoOp)]
+    assert len(found) == 1 and found[0].impl_name() == "cpu:topo"
+
+
+def test_topological_conv_kernel_not_offered_with_a_stride():
+    op = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
+    assert not [a for a in alternatives(op) if isinstance(a, topo_cpu.CpuTopoOp)]
+
+
 def test_sparse_plan_multiplies_few_more_than_the_connections():
     """A group's union of windows: 2-D paper topologies multiply at most 1/8 more than their
     connections with R = 2, 1-D rings exactly them with R = 1."""
@@ -213,8 +244,8 @@ def test_offered_only_where_the_kernel_computes_the_op():
     assert cpu_alternatives(copy.deepcopy(op).double()) == [], "float32 only"
     reflect = freeze(randomized(SICLayer(16, 16, 3, 1, 1, padding_mode="reflect")))
     assert cpu_alternatives(reflect) == [], "padding_mode='reflect' is not fused"
-    grouped = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), padding=1)))
-    assert cpu_alternatives(grouped) == []
+    strided = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
+    assert cpu_alternatives(strided) == [], "cpu:topo computes stride 1 only"
     assert cpu_alternatives(cpu_alternatives(op)[0]) == [], "a kernel op is not fused again"
 
 
@@ -514,8 +545,8 @@ def test_every_recipe_optimized_with_the_kernels_keeps_its_outputs(recipe, prefe
         opt = leanconv.optimize(model, x, repeats=1, guard=False)
         y = opt(x)
     kept = [m for m in opt.modules() if isinstance(m, CpuKernelOp)]
-    offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:sic") for n in dict(c.timings))]
+    offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:") for n in dict(c.timings))]
     assert len(kept) == len(offered)
-    if recipe.startswith(("sic", "unravel")):
+    if recipe.startswith(("sic", "unravel", "topo")):
         assert kept, f"{recipe}: no CPU kernel kept"
     assert rel_err(y, ref) < TOL, f"{recipe}: rel err {rel_err(y, ref):.2e}"

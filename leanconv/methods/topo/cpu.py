@@ -1,7 +1,9 @@
-"""Topological projections on CPU with exactly their MACs: the plan of the pixel-vectorized sparse
+"""Topological layers on CPU with exactly their MACs: the plan of the pixel-vectorized sparse
 projection (``sparse_band`` in ``leanconv/kernels/cpu/sparse.h``), built from a TopoOp's compact
-weights, neighbourhoods and channel assignments. The SIC kernels (``leanconv.methods.sic.cpu``,
-``cpu_stack``) run it on their depthwise band in place of the dense band GEMM.
+weights, neighbourhoods and channel assignments; the SIC kernels (``leanconv.methods.sic.cpu``,
+``cpu_stack``) run it on their depthwise band in place of the dense band GEMM. And a TopoOp itself
+(k x k, stride 1) as one C++ kernel (``cpu.cpp``, ``cpu:topo``): the same plan over shifted planar
+inputs, one per (channel, tap).
 
 Why not a block-sparse GEMM: a GEMM vectorizes over 16-32 output channels, which together read the
 union of their windows (about half the inputs on a 16 x 16 torus with 8 x 8 windows), so it would
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from leanconv.kernels.cpu import build, cpu_alternative
+from leanconv.kernels.cpu.op import CpuKernelOp
+from leanconv.layers.functional import conv_output_size
 from leanconv.methods.topo.op import TopoOp
 
 GROUP_SIZES = (1, 2, 4)  # R the kernel is compiled for
@@ -56,42 +61,111 @@ def _cost(unions: list[Tensor], r: int) -> float:
     return sum(u.numel() for u in unions) * (r * PIXEL_VECTORS / 2 + (PIXEL_VECTORS + r + 4) / 4)
 
 
+def covers_conv(op) -> bool:
+    """Whether ``cpu:topo`` computes ``op``: a TopoOp with stride 1 (any kernel, padding, dilation)."""
+    return isinstance(op, TopoOp) and tuple(op.stride) == (1, 1)
+
+
 @torch.no_grad()
 def sparse_plan(op: TopoOp, input_rows: Tensor | None = None, group: int | None = None) -> SparsePlan:
-    """The sparse projection of a 1x1 TopoOp ``y[out] = sum_j w[q, j] x[src]`` (bias and epilogue
-    not included).
+    """The sparse form of a TopoOp ``y[out] = sum_(j, tap) w[q, j, tap] x[src_j](shifted by tap)``
+    (bias and epilogue not included): the kernels' inputs are ``channel * kh * kw + tap``.
 
     Args:
-        op: the topological projection (``is_projection``).
+        op: the topological layer (k x k: ``cpu:topo``; 1x1 in a SIC kernel: ``is_projection``).
         input_rows: ``(in_channels,)`` row of the kernel's band buffer holding each input channel
             (default: the channel itself).
         group: outputs per group R (default: the cheapest by the kernel's FMA / load count).
     """
-    if not is_projection(op):
-        raise ValueError("not a topological 1x1 projection")
     sources = op.in_perm[op.neighbours].cpu()  # (N, c) input channel of each connection, grid order
     if input_rows is not None:
         sources = input_rows.cpu()[sources]
-    w = op.weight[:, :, 0, 0].detach().float().cpu()  # (N, c)
-    outs = op.out_perm.cpu()
     n, c = sources.shape
+    taps = op.weight.shape[2] * op.weight.shape[3]
+    w = op.weight.detach().float().cpu().reshape(n, c, taps)
+    outs = op.out_perm.cpu()
     options = {r: _groups(sources, r) for r in ((group,) if group else GROUP_SIZES)}
     r = min(options, key=lambda k: (_cost(options[k], k), k))
     unions = options[r]
     rows = torch.full((len(unions), r), -1, dtype=torch.int64)
     blocks = []
     for g, u in enumerate(unions):
-        block = torch.zeros(u.numel(), r)
+        block = torch.zeros(u.numel(), taps, r)
         for k, q in enumerate(range(g * r, min(n, g * r + r))):
-            block[torch.searchsorted(u, sources[q]), k] = w[q]
+            block[torch.searchsorted(u, sources[q]), :, k] = w[q]
             rows[g, k] = outs[q]
-        blocks.append(block)
-    ptr = torch.tensor([0] + [u.numel() for u in unions]).cumsum(0)
-    index = torch.cat([torch.tensor([r, len(unions)]), rows.reshape(-1), ptr, torch.cat(unions)]).to(torch.int32)
+        blocks.append(block.reshape(-1, r))
+    ptr = torch.tensor([0] + [u.numel() * taps for u in unions]).cumsum(0)
+    inputs = torch.cat([(u[:, None] * taps + torch.arange(taps)).reshape(-1) for u in unions])
+    index = torch.cat([torch.tensor([r, len(unions)]), rows.reshape(-1), ptr, inputs]).to(torch.int32)
     weights = torch.cat(blocks).reshape(-1).contiguous()
-    return SparsePlan(index.contiguous(), weights, r, int(ptr[-1]) * r, n * c)
+    return SparsePlan(index.contiguous(), weights, r, int(ptr[-1]) * r, n * c * taps)
 
 
-def mac_fraction(plan: SparsePlan, in_channels: int, out_channels: int) -> float:
-    """MACs the kernel multiplies, as a fraction of the dense projection's."""
-    return plan.multiplied / math.prod((in_channels, out_channels))
+def mac_fraction(plan: SparsePlan, op: TopoOp) -> float:
+    """MACs the kernel multiplies per pixel, as a fraction of the dense layer's."""
+    return plan.multiplied / math.prod((op.in_channels, *op.weight.shape[2:], op.out_channels))
+
+
+# bytes of the planar input band per thread (its input rows with the halo, padded width)
+CONV_BAND_BYTES = 256 << 10
+
+
+def topo_conv(x: Tensor, index: Tensor, weights: Tensor, bias: Tensor, res_scale: Tensor | None,
+              residual: Tensor | None, kernel: list[int], padding: list[int], dilation: list[int], relu: bool,
+              band_bytes: int) -> Tensor:
+    """``relu?(topological conv(x) + bias + res_scale * residual)`` with stride 1, NHWC float32.
+
+    Args:
+        x: ``(B, C, H, W)`` float32 (made channels_last if it is not).
+        index, weights: ``sparse_plan(op)``'s.
+        bias: ``(N,)``. res_scale: ``(N,)`` or None. residual: ``(B, N, OH, OW)`` or None.
+        band_bytes: target size of the per-thread planar input band.
+    Returns:
+        ``(B, N, OH, OW)`` channels_last.
+    """
+    return build.load().topo_conv_forward(x, index, weights, bias, res_scale, residual, kernel, padding, dilation,
+                                          relu, band_bytes)
+
+
+def _topo_fake(x, index, weights, bias, res_scale, residual, kernel, padding, dilation, relu, band_bytes):
+    b, _, h, w = x.shape
+    oh, ow = (conv_output_size(n, k, 1, p, d) for n, k, p, d in zip((h, w), kernel, padding, dilation))
+    return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+topo_conv_op = torch.library.custom_op("leanconv::cpu_topo_conv", mutates_args=())(topo_conv)
+topo_conv_op.register_fake(_topo_fake)
+
+
+class CpuTopoOp(CpuKernelOp):
+    """A stride-1 ``TopoOp`` run by ``leanconv::cpu_topo_conv`` (each output multiplies only its own
+    connections); ``ref`` runs wherever the kernel may not."""
+
+    kernel = staticmethod(topo_conv_op)
+    launch = staticmethod(topo_conv)
+    band_bytes = CONV_BAND_BYTES
+
+    def repack(self) -> None:
+        plan = sparse_plan(self.ref)
+        self.register_buffer("weights", plan.weights, persistent=False)  # first: its dtype is the op's
+        self.register_buffer("index", plan.index, persistent=False)
+        self.register_buffer("bias", self.ref.bias.detach().float().contiguous(), persistent=False)
+        self.geometry = (list(self.ref.weight.shape[2:]), list(self.ref.padding), list(self.ref.dilation))
+
+    def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
+        kernel, padding, dilation = self.geometry
+        rs = self.ref.res_scale if residual is not None else None
+        return (x, self.index, self.weights, self.bias, rs, residual, kernel, padding, dilation, self.relu,
+                self.band_bytes)
+
+    def impl_name(self) -> str:
+        return "cpu:topo"
+
+
+@cpu_alternative(TopoOp)
+def _topo_alternatives(op: TopoOp) -> list[CpuKernelOp]:
+    if not covers_conv(op) or not build.available():
+        return []
+    return [CpuTopoOp(op)]
