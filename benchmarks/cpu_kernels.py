@@ -10,6 +10,8 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
         # whole network: original, converted without the kernels, converted with them, one process
     python benchmarks/cpu_kernels.py --stack 2 --threads 1 --cpu-time
         # a SIC stack of m layers (residual on the second on): library, per-layer kernels, fused stack
+    python benchmarks/cpu_kernels.py --topo-conv 2 --shapes 64x56x16,512x7x16 --threads 1 --cpu-time
+        # one topological 3x3 conv (topo2d): dense 3x3, its dense matrix, tiled, cpu:topo
     python benchmarks/cpu_kernels.py --stack 4 --topology 2 --threads 1 --cpu-time
         # the same with topological projections (sic-topo2d): tiled library, dense-matrix kernels,
         # sparse kernels (cpu:sic-topo per layer, cpu:sic-topo-stack)
@@ -154,6 +156,54 @@ def topo_stacks(a) -> int:
     return 0
 
 
+def topo_convs(a) -> int:
+    """One topological k x k conv (stride 1, ReLU, grid rank ``a.topo_conv``, random weights and
+    channel assignment) per shape: the dense conv it replaces, the forms optimize had before
+    (its dense matrix as one conv; the tiled grouped conv of each tile plan), and ``cpu:topo``."""
+    from torch import nn
+
+    from leanconv.methods import TopoConv2d, Topology
+    from leanconv.methods.topo.cpu import CpuTopoOp
+    from leanconv.optimize.freeze import alternatives, dense_op, freeze
+
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k = a.kernel
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, one {a.topo_conv}-D topological {k}x{k} conv, ReLU, load "
+          f"{os.getloadavg()[0]:.2f}; ms per call (median)")
+    print("| channels x size x batch | density | dense kxk | its dense matrix | best tiled (grouped) | cpu:topo | "
+          "cpu:topo vs best before | theory | realized, best before | realized, cpu:topo |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        conv = nn.Conv2d(n, n, k, padding=k // 2)
+        dense = ConvOp(conv.weight.detach().contiguous(memory_format=cl), conv.bias.detach(), padding=k // 2,
+                       relu=True)
+        torch.manual_seed(0)
+        layer = TopoConv2d.from_conv(conv, Topology.auto(n, n, a.topo_conv))
+        layer.set_assignment(torch.randperm(n), torch.randperm(n), conv.weight.detach())
+        op = freeze(layer)
+        op.relu = True
+        tiled = [o for o in alternatives(op)[1:] if not isinstance(o, (ConvOp, CpuTopoOp))]
+        fns = {"dense": lambda: dense(x), "matrix": (lambda f=dense_op(op): f(x)), "cpu": (lambda f=CpuTopoOp(op): f(x))}
+        fns.update({f"tiled{i}": (lambda f=o: f(x)) for i, o in enumerate(tiled)})
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        best_tiled = min((v for name, v in t.items() if name.startswith("tiled")), default=float("nan"))
+        before = min(t["matrix"], best_tiled)
+        theory = n / layer.topology.connections
+        print(f"| {spec} | {layer.topology.density:.3f} | {t['dense'] * 1e3:.2f} | {t['matrix'] * 1e3:.2f} | "
+              f"{best_tiled * 1e3:.2f} | {t['cpu'] * 1e3:.2f} | {before / t['cpu']:.2f}x | {theory:.2f} | "
+              f"{t['dense'] / before / theory:.2f} | {t['dense'] / t['cpu'] / theory:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def demo(batch: int, threads: int, repeats: int) -> int:
     """The demo's network (``fmnist_resnet``, width 32, 28x28) and its data-free sic-m2 conversion."""
     import warnings
@@ -246,7 +296,13 @@ def main() -> int:
                     help="instead: SIC stacks of M layers per shape (library, per-layer kernel, fused stack)")
     ap.add_argument("--topology", type=int, default=0, metavar="RANK",
                     help="with --stack: topological projections on grids of this rank (2: sic-topo2d)")
+    ap.add_argument("--topo-conv", type=int, default=0, metavar="RANK",
+                    help="instead: one topological kxk conv per shape, grids of this rank (topo2d / topo3d)")
     a = ap.parse_args()
+    if a.topo_conv:
+        if a.cpu_time and a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+        return topo_convs(a)
     if a.network:
         if a.cpu_time and a.threads != 1:
             ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")

@@ -76,25 +76,30 @@ inline void transpose16(v16 (&m)[16]) {
 }
 
 // at (K x ld) = a (P x K)^T; columns [P, pend) zeroed (the kernel reads them: garbage there could be
-// denormals, which cost a microcode assist per FMA).
+// denormals, which cost a microcode assist per FMA). A last block of fewer than 16 pixels goes
+// through the register transpose too, zero-filled: it writes zeros up to column P16 + 16 (at most
+// 15 past P: the caller leaves room, and anything it had written there must be zeros).
 inline void to_planar(const float* a, int64_t P, int64_t K, float* at, int64_t ld, int64_t pend) {
-  for (int64_t k = 0; k < K; ++k) std::fill(at + k * ld + P, at + k * ld + pend, 0.0f);
   const int64_t P16 = P / 16 * 16, K16 = K / 16 * 16;
-  for (int64_t p = 0; p < P16; p += 16) {
+  auto block = [&](int64_t p, int64_t rows) {
     for (int64_t k = 0; k < K16; k += 16) {
       v16 m[16];
-      for (int i = 0; i < 16; ++i) m[i] = load<v16>(a + (p + i) * K + k);
+      for (int i = 0; i < 16; ++i) m[i] = i < rows ? load<v16>(a + (p + i) * K + k) : v16{};
       transpose16(m);
       for (int i = 0; i < 16; ++i) store<v16>(at + (k + i) * ld + p, m[i]);
     }
     for (int64_t k = K16; k < K; ++k)
-      for (int i = 0; i < 16; ++i) at[k * ld + p + i] = a[(p + i) * K + k];
-  }
-  for (int64_t p = P16; p < P; ++p)
-    for (int64_t k = 0; k < K; ++k) at[k * ld + p] = a[p * K + k];
+      for (int i = 0; i < 16; ++i) at[k * ld + p + i] = i < rows ? a[(p + i) * K + k] : 0.0f;
+  };
+  for (int64_t p = 0; p < P16; p += 16) block(p, 16);
+  if (P16 < P) block(P16, P - P16);
+  const int64_t done = P16 < P ? P16 + 16 : P;
+  if (pend > done)
+    for (int64_t k = 0; k < K; ++k) std::fill(at + k * ld + done, at + k * ld + pend, 0.0f);
 }
 
-// y (P x N) = epilogue(yt (N x ld)^T).
+// y (P x N) = epilogue(yt (N x ld)^T). A last block of fewer than 16 pixels is transposed whole:
+// it reads yt up to column P16 + 16 (at most 15 past P; the caller's buffer must hold them).
 inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float* y, const Epilogue& e) {
   const int64_t P16 = P / 16 * 16, N16 = N / 16 * 16;
   auto scalar = [&](int64_t p, int64_t n) {
@@ -102,14 +107,14 @@ inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float
     if (e.res) o += (e.rs ? e.rs[n] : 1.0f) * e.res[p * N + n];
     y[p * N + n] = e.relu && o < 0.0f ? 0.0f : o;
   };
-  for (int64_t p = 0; p < P16; p += 16) {
+  auto block = [&](int64_t p, int64_t cols) {
     for (int64_t n = 0; n < N16; n += 16) {
       v16 m[16];
       for (int i = 0; i < 16; ++i) m[i] = load<v16>(yt + (n + i) * ld + p);
       transpose16(m);
       const v16 b = load<v16>(e.bias + n);
       const v16 s = e.rs ? load<v16>(e.rs + n) : v16{} + 1.0f;
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < cols; ++i) {
         v16 o = m[i] + b;
         if (e.res) o += s * load<v16>(e.res + (p + i) * N + n);
         if (e.relu) o = o > 0.0f ? o : v16{};
@@ -117,10 +122,10 @@ inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float
       }
     }
     for (int64_t n = N16; n < N; ++n)
-      for (int i = 0; i < 16; ++i) scalar(p + i, n);
-  }
-  for (int64_t p = P16; p < P; ++p)
-    for (int64_t n = 0; n < N; ++n) scalar(p, n);
+      for (int i = 0; i < cols; ++i) scalar(p + i, n);
+  };
+  for (int64_t p = 0; p < P16; p += 16) block(p, 16);
+  if (P16 < P) block(P16, P - P16);
 }
 
 // yt rows of one group's outputs, pixels [p0, p0 + 16 U): R * U accumulators, one load of each
@@ -168,7 +173,7 @@ inline void sparse_band(const float* a, int64_t P, int64_t K, const SparsePlan& 
   // when k is even): a power-of-two stride would map every row's block to the same few L1 sets
   const int64_t blocks = (P + SPARSE_PIXELS - 1) / SPARSE_PIXELS;
   const int64_t ld = (blocks + (blocks & 1)) * SPARSE_PIXELS + 16;
-  float* at = planar_buffer.get((K + N) * ld);
+  float* at = planar_buffer.get((K + N) * ld + 16);  // + 16: from_planar's last block may read past
   float* yt = at + K * ld;
   to_planar(a, P, K, at, ld, blocks * SPARSE_PIXELS);
   if (s.R == 1) sparse_rows<1, 4>(at, ld, P, s, yt);
