@@ -200,6 +200,31 @@ def test_topological_conv_kernel_not_offered_with_a_stride():
     assert not [a for a in alternatives(op) if isinstance(a, topo_cpu.CpuTopoOp)]
 
 
+def test_topological_kernels_export_and_fake_implementations():
+    """cpu:topo and cpu:sic-topo: portable / export use the standard ops, torch.export sees the
+    custom op, and the fake implementations pass opcheck."""
+    topo = freeze(randomized(TopoConv2d(32, 32, 3, Topology.auto(32, 32, 2), padding=1)))
+    topo.relu = True
+    sic = freeze(randomized(SICLayer(32, 32, 3, 1, 1, topology=Topology.auto(32, 32, 3))))
+    x = torch.randn(1, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    for fused, custom in ((kernel_ops(topo)[0], torch.ops.leanconv.cpu_topo_conv.default),
+                          (kernel_ops(sic)[1], torch.ops.leanconv.cpu_sic_layer.default)):
+        assert fused.impl_name() in ("cpu:topo", "cpu:sic-topo")
+        with torch.no_grad():
+            ref = fused.ref(x)
+            with portable():
+                program = torch.export.export(fused, (x,))
+                assert torch.equal(fused(x), ref)
+            targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+            assert not any("leanconv" in t for t in targets), targets
+            exported = [n.target for n in torch.export.export(fused, (x,)).graph.nodes if n.op == "call_function"]
+            assert custom in exported, exported
+            out = fused(x)
+            assert rel_err(out, ref) < TOL
+            args = fused.kernel_args(x, torch.randn_like(out))
+        torch.library.opcheck(fused.kernel, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 def test_sparse_plan_multiplies_few_more_than_the_connections():
     """A group's union of windows: 2-D paper topologies multiply at most 1/8 more than their
     connections with R = 2, 1-D rings exactly them with R = 1."""
