@@ -253,10 +253,14 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
         del os.environ[build.DISABLE_ENV]
         build.reset()
         models["kernels"] = leanconv.optimize(conv, x, guard=False)
-    # kernel ops kept: per-layer ops outside a fused stack, and fused stacks
+    # kernel ops kept: per-layer ops (cpu:sic, cpu:sic-topo, cpu:topo) outside a fused stack, and fused stacks
+    from leanconv.kernels.cpu.op import CpuKernelOp
+
     stacks = [m for m in models["kernels"].modules() if isinstance(m, CpuStackOp)]
     inside = {id(m) for s in stacks for m in s.modules()}
-    layers = sum(isinstance(m, CpuSplitOp) and id(m) not in inside for m in models["kernels"].modules())
+    layers = sum(isinstance(m, CpuKernelOp) and not isinstance(m, CpuStackOp) and id(m) not in inside
+                 for m in models["kernels"].modules())
+    kinds = sorted({m.impl_name() for m in models["kernels"].modules() if isinstance(m, CpuKernelOp)})
     xc = x.contiguous(memory_format=torch.channels_last)
     fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
     load = os.getloadavg()[0]
@@ -270,7 +274,7 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
           f"({t['original'] / t['library']:.2f}x, realized {t['original'] / t['library'] / theory:.2f}), "
           f"{t['kernels'] * 1e3:.1f} ms with them ({t['original'] / t['kernels']:.2f}x, realized "
           f"{t['original'] / t['kernels'] / theory:.2f}; kept: {layers} per-layer kernel ops, {len(stacks)} fused "
-          f"stacks); theoretical {theory:.2f}")
+          f"stacks: {', '.join(kinds)}); theoretical {theory:.2f}")
     return 0
 
 
