@@ -16,6 +16,8 @@
 #pragma once
 #include "kernels.h"
 
+#include <type_traits>
+
 namespace leanconv_cpu {
 
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -107,14 +109,16 @@ inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float
     if (e.res) o += (e.rs ? e.rs[n] : 1.0f) * e.res[p * N + n];
     y[p * N + n] = e.relu && o < 0.0f ? 0.0f : o;
   };
-  auto block = [&](int64_t p, int64_t cols) {
+  // cols: 16 (a compile-time count: the transposed block stays in registers) or the tail's count
+  auto block = [&](int64_t p, auto cols) {
     for (int64_t n = 0; n < N16; n += 16) {
       v16 m[16];
       for (int i = 0; i < 16; ++i) m[i] = load<v16>(yt + (n + i) * ld + p);
       transpose16(m);
       const v16 b = load<v16>(e.bias + n);
       const v16 s = e.rs ? load<v16>(e.rs + n) : v16{} + 1.0f;
-      for (int i = 0; i < cols; ++i) {
+      for (int i = 0; i < 16; ++i) {
+        if (i >= cols) break;
         v16 o = m[i] + b;
         if (e.res) o += s * load<v16>(e.res + (p + i) * N + n);
         if (e.relu) o = o > 0.0f ? o : v16{};
@@ -124,8 +128,8 @@ inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float
     for (int64_t n = N16; n < N; ++n)
       for (int i = 0; i < cols; ++i) scalar(p + i, n);
   };
-  for (int64_t p = 0; p < P16; p += 16) block(p, 16);
-  if (P16 < P) block(P16, P - P16);
+  for (int64_t p = 0; p < P16; p += 16) block(p, std::integral_constant<int, 16>{});
+  if (P16 < P) block(P16, (int)(P - P16));
 }
 
 // yt rows of one group's outputs, pixels [p0, p0 + 16 U): R * U accumulators, one load of each

@@ -1,9 +1,10 @@
 // A topological k x k conv (stride 1, any padding and dilation) on CPU with exactly its MACs, band
 // of output rows by band: the band's input rows (with their halo) transposed into zero-padded
-// planar rows (one plane of (rows + halo) x (W + 2 pw) per input channel), then every output
-// channel accumulates over its own (input channel, tap) pairs: a tap is the plane shifted by
-// dy * Wp + dx, so a k x k conv is the sparse projection of sparse.h over C * k * k shifted inputs.
-// Outputs are computed on the padded width (the Wp - OW extra columns per row are discarded) and
+// planar rows (one plane of (rows + halo) rows of Wr floats per input channel: the W pixels, then
+// a gap of zeros that is both this row's right padding and the next row's left padding), then
+// every output channel accumulates over its own (input channel, tap) pairs: a tap is the plane
+// shifted by dy * Wr + dx, so a k x k conv is the sparse projection of sparse.h over C * k * k
+// shifted inputs. Outputs are computed on rows of Wr (the Wr - OW extra columns are discarded) and
 // transposed back to NHWC with bias / residual / ReLU. NHWC float32 in and out.
 #include "kernels.h"
 #include "sparse.h"
@@ -82,7 +83,10 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
     TORCH_CHECK(res.sizes() == y.sizes(), "leanconv cpu topo: residual shape ", res.sizes(), " != output ", y.sizes());
     if (res_scale.has_value() && res_scale->defined()) rs = res_scale->contiguous();
   }
-  const int64_t Wp = W + 2 * pw, halo = (kh - 1) * dh;
+  // row stride: the pixels and one gap of zeros, wide enough for the left taps' reach (pw) and the
+  // right taps' ((kw - 1) dw - pw); 3x3 'same': W + 1 (W + 2 with a gap per side: 29% more work at 7x7)
+  const int64_t gap = std::max<int64_t>(pw, (kw - 1) * dw - pw);
+  const int64_t Wp = std::max(W + gap, OW), halo = (kh - 1) * dh;
   const int64_t threads = at::get_num_threads();
   // output rows per band: the planar input band near band_bytes, at least two bands per thread
   int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, C * Wp * (int64_t)sizeof(float)) - halo);
@@ -94,7 +98,8 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
   const int64_t pend = (P + SPARSE_PIXELS - 1) / SPARSE_PIXELS * SPARSE_PIXELS;     // computed pixels
   const int64_t reach = halo * Wp + (kw - 1) * dw;                                  // farthest tap
   // + 16: to_planar's last block of a row writes (zeros) up to 15 columns past the row
-  const int64_t ld = odd_lines(std::max(pend + reach, (rpb + halo) * Wp + 16));
+  // + pw: the lead of zeros the first row's left taps read; + 16: the last row's to_planar spill
+  const int64_t ld = odd_lines(std::max(pend + reach, pw + (rpb + halo) * Wp + 16));
   const int64_t ldo = odd_lines(pend);
   // each input's offset into the planar band: channel plane + tap shift
   std::vector<int64_t> off(plan.ptr[plan.G]);
@@ -119,7 +124,7 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
       for (int64_t i = 0; i < (r1 - r0) + halo; ++i) {
         const int64_t ih = r0 - ph + i;
         if (ih < 0 || ih >= H) continue;
-        to_planar(xp + (n * H + ih) * W * C, W, C, at_ + i * Wp + pw, ld, W);
+        to_planar(xp + (n * H + ih) * W * C, W, C, at_ + pw + i * Wp, ld, W);
       }
       const int64_t Pb = (r1 - r0) * Wp;
       if (plan.R == 1) conv_rows<1, U>(at_, off.data(), plan, yt, ldo, Pb);

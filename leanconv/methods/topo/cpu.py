@@ -47,10 +47,22 @@ def is_projection(op) -> bool:
             and tuple(op.padding) == (0, 0))
 
 
-def _groups(sources: Tensor, r: int) -> list[Tensor]:
-    """Sorted union of the inputs of each group of ``r`` consecutive grid outputs."""
+def _orders(n: int, r: int) -> list[Tensor]:
+    """Orders of the n grid outputs whose consecutive runs of r are the groups: runs along the last
+    grid dimension (stride 1), or along an earlier one (positions s apart, s dividing n): the best
+    dimension is the one whose window covers most of it (a window that covers a whole dimension
+    makes groups along it free)."""
+    out = [torch.arange(n)]
+    for s in range(2, n // r + 1):
+        if n % (s * r) == 0:
+            out.append(torch.arange(n).reshape(n // (s * r), r, s).transpose(1, 2).reshape(-1))
+    return out
+
+
+def _groups(sources: Tensor, r: int, order: Tensor) -> list[Tensor]:
+    """Sorted union of the inputs of each run of ``r`` outputs of ``order``."""
     n = sources.shape[0]
-    return [torch.unique(sources[g:g + r].reshape(-1)) for g in range(0, n, r)]
+    return [torch.unique(sources[order[g:g + r]].reshape(-1)) for g in range(0, n, r)]
 
 
 def _cost(unions: list[Tensor], r: int) -> float:
@@ -84,14 +96,14 @@ def sparse_plan(op: TopoOp, input_rows: Tensor | None = None, group: int | None 
     taps = op.weight.shape[2] * op.weight.shape[3]
     w = op.weight.detach().float().cpu().reshape(n, c, taps)
     outs = op.out_perm.cpu()
-    options = {r: _groups(sources, r) for r in ((group,) if group else GROUP_SIZES)}
-    r = min(options, key=lambda k: (_cost(options[k], k), k))
-    unions = options[r]
+    options = [(r, order, _groups(sources, r, order)) for r in ((group,) if group else GROUP_SIZES)
+               for order in (_orders(n, r) if r > 1 else [torch.arange(n)])]
+    r, order, unions = min(options, key=lambda o: (_cost(o[2], o[0]), o[0]))
     rows = torch.full((len(unions), r), -1, dtype=torch.int64)
     blocks = []
     for g, u in enumerate(unions):
         block = torch.zeros(u.numel(), taps, r)
-        for k, q in enumerate(range(g * r, min(n, g * r + r))):
+        for k, q in enumerate(order[g * r:min(n, g * r + r)].tolist()):
             block[torch.searchsorted(u, sources[q]), :, k] = w[q]
             rows[g, k] = outs[q]
         blocks.append(block.reshape(-1, r))
