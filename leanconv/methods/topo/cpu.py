@@ -65,11 +65,17 @@ def _groups(sources: Tensor, r: int, order: Tensor) -> list[Tensor]:
     return [torch.unique(sources[order[g:g + r]].reshape(-1)) for g in range(0, n, r)]
 
 
-def _cost(unions: list[Tensor], r: int) -> float:
-    # cycles per union input and pixel block: R * U FMAs on two ports, and U + R loads plus ~4 uops
-    # of loop and addressing at ~4 uops per cycle. Fits the kernel's 1-thread times on Xeon
-    # (AVX-512) at 128-512 channels, 2-D and 3-D grids: R = 2 at 128 channels, 4 from 512 (and
-    # 256 in 3-D), within ~5% of the fastest R everywhere measured
+def _cost(unions: list[Tensor], r: int, taps: int = 1) -> float:
+    """Relative time of a plan's groups: the sum of their union sizes times a cost per input."""
+    if taps > 1:
+        # cpu:topo (k x k): its inputs are shifted, unaligned planes, and the cost per input is
+        # mostly its U vector loads, ~4x one slot's R * U FMAs. Fits its 1-thread times at 64-512
+        # channels (2-D and 3-D grids): R = 4 was the fastest everywhere, 2-10% ahead of R = 2
+        return sum(u.numel() for u in unions) * (r + 4)
+    # the 1x1 band projection: R * U FMAs on two ports, and U + R loads plus ~4 uops of loop and
+    # addressing at ~4 uops per cycle. Fits its 1-thread times on Xeon (AVX-512) at 128-512
+    # channels, 2-D and 3-D grids: R = 2 at 128 channels, 4 from 512 (and 256 in 3-D), within ~5%
+    # of the fastest R everywhere measured
     return sum(u.numel() for u in unions) * (r * PIXEL_VECTORS / 2 + (PIXEL_VECTORS + r + 4) / 4)
 
 
@@ -98,7 +104,7 @@ def sparse_plan(op: TopoOp, input_rows: Tensor | None = None, group: int | None 
     outs = op.out_perm.cpu()
     options = [(r, order, _groups(sources, r, order)) for r in ((group,) if group else GROUP_SIZES)
                for order in (_orders(n, r) if r > 1 else [torch.arange(n)])]
-    r, order, unions = min(options, key=lambda o: (_cost(o[2], o[0]), o[0]))
+    r, order, unions = min(options, key=lambda o: (_cost(o[2], o[0], taps), o[0]))
     rows = torch.full((len(unions), r), -1, dtype=torch.int64)
     blocks = []
     for g, u in enumerate(unions):
