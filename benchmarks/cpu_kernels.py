@@ -13,6 +13,11 @@ all frozen as ``leanconv.optimize`` freezes them (ReLU fused), channels_last flo
     python benchmarks/cpu_kernels.py --bottleneck --threads 1 --cpu-time
         # sic-bottleneck's stack of two bottleneck pairs per shape: today's best implementation of each
         # layer, the per-layer kernel (cpu:bottleneck), the fused stack (cpu:bottleneck-stack)
+    python benchmarks/cpu_kernels.py --topo-conv 2 --shapes 64x56x16,512x7x16 --threads 1 --cpu-time
+        # one topological 3x3 conv (topo2d): dense 3x3, its dense matrix, tiled, cpu:topo
+    python benchmarks/cpu_kernels.py --stack 4 --topology 2 --threads 1 --cpu-time
+        # the same with topological projections (sic-topo2d): tiled library, dense-matrix kernels,
+        # sparse kernels (cpu:sic-topo per layer, cpu:sic-topo-stack)
 
 ``realized`` is (dense ms / layer ms) / (dense MACs / layer MACs): the share of the MAC saving
 the layer turns into speed. Interleaved repeats, medians; freed memory kept (as optimize does).
@@ -182,6 +187,113 @@ def demo(batch: int, threads: int, repeats: int) -> int:
     return 0
 
 
+def topo_stacks(a) -> int:
+    """m SIC layers with topological projections of grid rank ``a.topology`` (as sic-topo2d /
+    sic-topo3d build them: ReLU after each, a residual on each; random weights and channel
+    assignments) per shape: the dense conv they replace; the stack as optimize ran it before the
+    sparse kernels (the tiled projections, the fused stack with each projection's dense matrix);
+    the sparse kernels (per layer, fused stack)."""
+    from torch import nn
+
+    from leanconv.methods import SICStack
+    from leanconv.methods.sic.cpu import CpuSplitTopoOp
+    from leanconv.methods.sic.cpu_stack import CpuStackTopoOp
+    from leanconv.optimize.freeze import freeze
+
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k, m = a.kernel, a.stack
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, SIC stack of {m} depthwise {k}x{k} layers, {a.topology}-D topological "
+          f"projections, load {os.getloadavg()[0]:.2f}; ms per call (median)")
+    print("| channels x size x batch | density | dense kxk | tiled library | cpu:sic-stack (dense matrices) | "
+          "cpu:sic-topo x m | cpu:sic-topo-stack | best before | new vs best before | theory | realized, best before | "
+          "realized, new |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        conv = nn.Conv2d(n, n, k, padding=k // 2)
+        dense = ConvOp(conv.weight.detach().contiguous(memory_format=cl), conv.bias.detach(), padding=k // 2,
+                       relu=True)
+        torch.manual_seed(0)
+        layer = SICStack.from_conv(conv, kernel=k, depth=m, topology_rank=a.topology).eval()
+        with torch.no_grad():
+            for t in layer.modules():
+                if hasattr(t, "set_assignment"):
+                    t.set_assignment(torch.randperm(t.in_channels), torch.randperm(t.out_channels))
+        library = freeze(layer)
+        library.relu = True
+        topo = library.ops[0].project
+        density = topo.weight.shape[1] / topo.in_channels
+        fns = {"dense": lambda: dense(x), "library": lambda: library(x),
+               "stack": (lambda f=CpuStackOp(library): f(x)),
+               "per_layer": (lambda f=StackOp([CpuSplitTopoOp(o) for o in library.ops], library.residual): f(x)),
+               "topo_stack": (lambda f=CpuStackTopoOp(library): f(x))}
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        connections = topo.weight.shape[1]
+        theory = (n * k * k) / (m * (k * k + connections))
+        before = min(t["library"], t["stack"])
+        new = min(t["per_layer"], t["topo_stack"])
+        print(f"| {spec} | {density:.3f} | {t['dense'] * 1e3:.2f} | {t['library'] * 1e3:.2f} | {t['stack'] * 1e3:.2f} | "
+              f"{t['per_layer'] * 1e3:.2f} | {t['topo_stack'] * 1e3:.2f} | {before * 1e3:.2f} | {before / new:.2f}x | "
+              f"{theory:.2f} | {t['dense'] / before / theory:.2f} | {t['dense'] / new / theory:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def topo_convs(a) -> int:
+    """One topological k x k conv (stride 1, ReLU, grid rank ``a.topo_conv``, random weights and
+    channel assignment) per shape: the dense conv it replaces, the forms optimize had before
+    (its dense matrix as one conv; the tiled grouped conv of each tile plan), and ``cpu:topo``."""
+    from torch import nn
+
+    from leanconv.methods import TopoConv2d, Topology
+    from leanconv.methods.topo.cpu import CpuTopoOp
+    from leanconv.optimize.freeze import alternatives, dense_op, freeze
+
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    k = a.kernel
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"# {clock}, {a.threads} threads, one {a.topo_conv}-D topological {k}x{k} conv, ReLU, load "
+          f"{os.getloadavg()[0]:.2f}; ms per call (median)")
+    print("| channels x size x batch | density | dense kxk | its dense matrix | best tiled (grouped) | cpu:topo | "
+          "cpu:topo vs best before | theory | realized, best before | realized, cpu:topo |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    for spec in a.shapes.split(","):
+        n, size, batch = (int(v) for v in spec.split("x"))
+        x = torch.randn(batch, n, size, size, generator=g).contiguous(memory_format=cl)
+        conv = nn.Conv2d(n, n, k, padding=k // 2)
+        dense = ConvOp(conv.weight.detach().contiguous(memory_format=cl), conv.bias.detach(), padding=k // 2,
+                       relu=True)
+        torch.manual_seed(0)
+        layer = TopoConv2d.from_conv(conv, Topology.auto(n, n, a.topo_conv))
+        layer.set_assignment(torch.randperm(n), torch.randperm(n), conv.weight.detach())
+        op = freeze(layer)
+        op.relu = True
+        tiled = [o for o in alternatives(op)[1:] if not isinstance(o, (ConvOp, CpuTopoOp))]
+        fns = {"dense": lambda: dense(x), "matrix": (lambda f=dense_op(op): f(x)), "cpu": (lambda f=CpuTopoOp(op): f(x))}
+        fns.update({f"tiled{i}": (lambda f=o: f(x)) for i, o in enumerate(tiled)})
+        with torch.no_grad():
+            t = cpu_medians(fns, a.repeats) if a.cpu_time else {
+                name: s.median for name, s in time_interleaved(fns, a.repeats, 2).items()}
+        best_tiled = min((v for name, v in t.items() if name.startswith("tiled")), default=float("nan"))
+        before = min(t["matrix"], best_tiled)
+        theory = n / layer.topology.connections
+        print(f"| {spec} | {layer.topology.density:.3f} | {t['dense'] * 1e3:.2f} | {t['matrix'] * 1e3:.2f} | "
+              f"{best_tiled * 1e3:.2f} | {t['cpu'] * 1e3:.2f} | {before / t['cpu']:.2f}x | {theory:.2f} | "
+              f"{t['dense'] / before / theory:.2f} | {t['dense'] / t['cpu'] / theory:.2f} |", flush=True)
+    print(f"# load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_time: bool) -> int:
     """Original, converted (library ops only) and converted (CPU kernels offered), each optimized at
     ``batch``, timed interleaved in this process."""
@@ -215,6 +327,7 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
     inside = {id(m) for s in stacks for m in s.modules()}
     layers = sum(isinstance(m, CpuKernelOp) and m not in stacks and id(m) not in inside
                  for m in models["kernels"].modules())
+    kinds = sorted({m.impl_name() for m in models["kernels"].modules() if isinstance(m, CpuKernelOp)})
     xc = x.contiguous(memory_format=torch.channels_last)
     fns = {k: (lambda m=m: m(xc)) for k, m in models.items()}
     load = os.getloadavg()[0]
@@ -228,7 +341,7 @@ def network(name: str, recipe: str, batch: int, threads: int, repeats: int, cpu_
           f"({t['original'] / t['library']:.2f}x, realized {t['original'] / t['library'] / theory:.2f}), "
           f"{t['kernels'] * 1e3:.1f} ms with them ({t['original'] / t['kernels']:.2f}x, realized "
           f"{t['original'] / t['kernels'] / theory:.2f}; kept: {layers} per-layer kernel ops, {len(stacks)} fused "
-          f"stacks); theoretical {theory:.2f}")
+          f"stacks: {', '.join(kinds)}); theoretical {theory:.2f}")
     return 0
 
 
@@ -252,6 +365,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--stack", type=int, default=0, metavar="M",
                     help="instead: SIC stacks of M layers per shape (library, per-layer kernel, fused stack)")
+    ap.add_argument("--topology", type=int, default=0, metavar="RANK",
+                    help="with --stack: topological projections on grids of this rank (2: sic-topo2d)")
+    ap.add_argument("--topo-conv", type=int, default=0, metavar="RANK",
+                    help="instead: one topological kxk conv per shape, grids of this rank (topo2d / topo3d)")
     ap.add_argument("--bottleneck", action="store_true",
                     help="instead: sic-bottleneck's stack of two bottleneck pairs per shape (today's best per "
                          "layer, per-layer kernel, fused stack); shapes may be CIxNxSIZExBATCH")
@@ -265,9 +382,13 @@ def main() -> int:
     if a.cpu_time and a.threads != 1:
         ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
     if a.stack:
-        return stacks(a)
+        return topo_stacks(a) if a.topology else stacks(a)
     if a.bottleneck:
         return bottlenecks(a)
+    if a.topo_conv:
+        if a.cpu_time and a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (other threads' work is not counted)")
+        return topo_convs(a)
     torch.set_num_threads(a.threads)
     keep_freed_memory()
     k, b = a.kernel, a.multiplier

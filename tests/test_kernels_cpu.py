@@ -16,8 +16,10 @@ from conftest import randomized, rel_err
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.kernels.cpu import build, cpu_alternatives
 from leanconv.kernels.cpu.op import CpuKernelOp
-from leanconv.methods.sic.cpu import CpuSplitOp
-from leanconv.methods.sic.cpu_stack import CpuStackOp
+from leanconv.methods.sic.cpu import CpuSplitOp, CpuSplitTopoOp
+from leanconv.methods.sic.cpu_stack import CpuStackOp, CpuStackTopoOp
+from leanconv.methods.topo import cpu as topo_cpu
+from leanconv.methods.topo.op import TopoOp
 from leanconv.methods import SICLayer, SICStack, TopoConv2d, Topology, UnraveledConv
 from leanconv.optimize import autotune, portable
 from leanconv.optimize.freeze import alternatives, freeze
@@ -64,7 +66,7 @@ def launched(monkeypatch, op_class=None) -> list:
 
 def check(layer: nn.Module, shape, epilogues, monkeypatch, band_bytes=None) -> None:
     """Every CPU-kernel alternative of ``layer`` frozen, against the layer in float64, per (residual, relu)."""
-    calls = launched(monkeypatch)
+    calls = launched(monkeypatch, topo_cpu.CpuTopoOp if isinstance(layer, TopoConv2d) else None)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g)
     with torch.no_grad():
@@ -136,6 +138,105 @@ def test_topological_projection_runs_as_its_dense_matrix(monkeypatch):
     check(layer, (2, 32, 5, 6), ((True, True),), monkeypatch)
 
 
+TOPO_CASES = {  # in, out, stride, multiplier b, topology, (H, W), batch; random channel assignments
+    "2d-paper-256": (256, 256, 1, 1, Topology((16, 16), (16, 16), (8, 8)), (5, 7), 1),
+    "3d-odd-size": (64, 64, 1, 1, Topology.auto(64, 64, 3), (9, 11), 2),
+    "1d-ring-tail-channels": (21, 35, 1, 1, Topology((21,), (35,), (6,)), (7, 5), 2),
+    "2d-unequal-grids-stride2": (48, 40, 2, 1, Topology((6, 8), (5, 8), (3, 5)), (9, 10), 1),
+    "3d-full-nbhd-dim": (60, 24, 1, 1, Topology((3, 4, 5), (2, 3, 4), (3, 2, 4)), (4, 3), 1),
+    "1-pixel-map": (32, 32, 1, 1, Topology.auto(32, 32, 2), (1, 1), 3),
+    "unravel-b4-2d": (12, 20, 1, 4, Topology((6, 8), (4, 5), (3, 4)), (6, 7), 1),
+    "unravel-b2-stride2": (16, 24, 2, 2, Topology.auto(32, 24, 3), (8, 7), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(TOPO_CASES))
+@pytest.mark.parametrize("group", (None, 1, 2, 4))
+def test_sparse_topological_projection_matches_the_layer(case, group, monkeypatch):
+    """cpu:sic-topo multiplies each output's own connections: exact against the layer, for every
+    group size R of its plan."""
+    ci, co, stride, b, topology, hw, batch = TOPO_CASES[case]
+    if b == 1:
+        layer = SICLayer(ci, co, 3, stride, 1, topology=topology)
+    else:
+        layer = UnraveledConv(ci, co, 3, b, stride, 1, topology=topology)
+    layer = randomized(layer)
+    if group is not None:
+        monkeypatch.setattr(topo_cpu, "GROUP_SIZES", (group,))
+    check(layer, (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
+    sparse = [f for f in kernel_ops(freeze(layer)) if isinstance(f, CpuSplitTopoOp)]
+    assert len(sparse) == 1 and sparse[0].impl_name() == "cpu:sic-topo"
+    assert sparse[0].index[0].item() == (group or sparse[0].index[0].item())
+
+
+TOPO_CONV_CASES = {  # in, out, kernel, padding, dilation, topology, (H, W), batch; random assignments
+    "3x3-2d-paper-64": (64, 64, 3, 1, 1, Topology.auto(64, 64, 2), (9, 11), 2),
+    "3x3-3d-odd-size": (64, 48, 3, 1, 1, Topology.auto(64, 48, 3), (7, 5), 1),
+    "3x3-1d-tail-channels": (21, 35, 3, 1, 1, Topology((21,), (35,), (6,)), (6, 13), 2),
+    "1x1-2d": (32, 32, 1, 0, 1, Topology.auto(32, 32, 2), (5, 6), 2),
+    "5x5-dilated-unpadded": (24, 20, 5, 1, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 1),
+    "3x3-unpadded": (16, 16, 3, 0, 1, Topology.auto(16, 16, 2), (5, 4), 1),
+    "1-pixel-map": (32, 32, 3, 1, 1, Topology.auto(32, 32, 3), (1, 1), 3),
+    "1-row-wide": (48, 48, 3, 1, 1, Topology((4, 12), (4, 12), (2, 6)), (1, 70), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(TOPO_CONV_CASES))
+@pytest.mark.parametrize("group", (None, 1, 4))
+def test_topological_conv_kernel_matches_the_layer(case, group, monkeypatch):
+    """cpu:topo (a stride-1 TopoOp with exactly its MACs) against the layer, every epilogue."""
+    ci, co, k, p, d, topology, hw, batch = TOPO_CONV_CASES[case]
+    layer = randomized(TopoConv2d(ci, co, k, topology, padding=p, dilation=d))
+    if group is not None:
+        monkeypatch.setattr(topo_cpu, "GROUP_SIZES", (group,))
+    check(layer, (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
+    check(layer, (batch, ci, *hw), ((True, True),), monkeypatch, band_bytes=1)  # one row per band
+    found = [f for f in kernel_ops(freeze(layer)) if isinstance(f, topo_cpu.CpuTopoOp)]
+    assert len(found) == 1 and found[0].impl_name() == "cpu:topo"
+
+
+def test_topological_conv_kernel_not_offered_with_a_stride():
+    op = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
+    assert not [a for a in alternatives(op) if isinstance(a, topo_cpu.CpuTopoOp)]
+
+
+def test_topological_kernels_export_and_fake_implementations():
+    """cpu:topo and cpu:sic-topo: portable / export use the standard ops, torch.export sees the
+    custom op, and the fake implementations pass opcheck."""
+    topo = freeze(randomized(TopoConv2d(32, 32, 3, Topology.auto(32, 32, 2), padding=1)))
+    topo.relu = True
+    sic = freeze(randomized(SICLayer(32, 32, 3, 1, 1, topology=Topology.auto(32, 32, 3))))
+    x = torch.randn(1, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    for fused, custom in ((kernel_ops(topo)[0], torch.ops.leanconv.cpu_topo_conv.default),
+                          (kernel_ops(sic)[1], torch.ops.leanconv.cpu_sic_layer.default)):
+        assert fused.impl_name() in ("cpu:topo", "cpu:sic-topo")
+        with torch.no_grad():
+            ref = fused.ref(x)
+            with portable():
+                program = torch.export.export(fused, (x,))
+                assert torch.equal(fused(x), ref)
+            targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+            assert not any("leanconv" in t for t in targets), targets
+            exported = [n.target for n in torch.export.export(fused, (x,)).graph.nodes if n.op == "call_function"]
+            assert custom in exported, exported
+            out = fused(x)
+            assert rel_err(out, ref) < TOL
+            args = fused.kernel_args(x, torch.randn_like(out))
+        torch.library.opcheck(fused.kernel, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_sparse_plan_multiplies_few_more_than_the_connections():
+    """A group's union of windows: 2-D paper topologies multiply at most 1/8 more than their
+    connections with R = 2, 1-D rings exactly them with R = 1."""
+    for c in (128, 256, 512):
+        op = freeze(SICLayer(c, c, 3, 1, 1, topology=Topology.auto(c, c, 2))).project
+        plan = topo_cpu.sparse_plan(op, group=2)
+        assert plan.connections == c * c // 4 and plan.multiplied <= 1.125 * plan.connections
+    op = freeze(SICLayer(40, 40, 3, 1, 1, topology=Topology((40,), (40,), (9,)))).project
+    plan = topo_cpu.sparse_plan(op, group=1)
+    assert plan.multiplied == plan.connections == 40 * 9
+
+
 def test_stack_with_folded_norms_and_residuals(monkeypatch):
     stack = randomized(SICStack.from_conv(nn.Conv2d(24, 24, 3, padding=1), depth=3, norm=True))
     x = torch.randn(2, 24, 6, 7)
@@ -168,8 +269,8 @@ def test_offered_only_where_the_kernel_computes_the_op():
     assert cpu_alternatives(copy.deepcopy(op).double()) == [], "float32 only"
     reflect = freeze(randomized(SICLayer(16, 16, 3, 1, 1, padding_mode="reflect")))
     assert cpu_alternatives(reflect) == [], "padding_mode='reflect' is not fused"
-    grouped = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), padding=1)))
-    assert cpu_alternatives(grouped) == []
+    strided = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
+    assert cpu_alternatives(strided) == [], "cpu:topo computes stride 1 only"
     assert cpu_alternatives(cpu_alternatives(op)[0]) == [], "a kernel op is not fused again"
 
 
@@ -230,10 +331,18 @@ def stack_launches(monkeypatch) -> list:
     return launched(monkeypatch, CpuStackOp)
 
 
-def stack_kernel(op: StackOp) -> CpuStackOp:
+def stack_kernels(op: StackOp) -> list[CpuStackOp]:
+    """The fused stacks offered for ``op``: the dense one, and with topological projections also
+    the sparse one."""
     found = [a for a in alternatives(op) if isinstance(a, CpuStackOp)]
-    assert len(found) == 1, f"no fused stack offered for {[o.impl_name() for o in op.ops]}"
-    return found[0]
+    topo = any(isinstance(o.project, TopoOp) for o in op.ops)
+    assert [type(f) for f in found] == ([CpuStackOp, CpuStackTopoOp] if topo else [CpuStackOp]), \
+        f"fused stacks offered for {[o.impl_name() for o in op.ops]}: {[f.impl_name() for f in found]}"
+    return found
+
+
+def stack_kernel(op: StackOp) -> CpuStackOp:
+    return stack_kernels(op)[0]
 
 
 def check_stack(stack: nn.Module, shape, monkeypatch, relu=True, residual=None) -> None:
@@ -252,20 +361,20 @@ def check_stack(stack: nn.Module, shape, monkeypatch, relu=True, residual=None) 
             ref = F.relu(ref) if relu else ref
         else:  # other residual flags than the layer's: the frozen stack, in float64
             ref = copy.deepcopy(frozen).double()(x.double())
-    fused = stack_kernel(frozen)
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for band in (1, 1 << 20):
-                fused.band_bytes = band
-                n = len(calls)
-                with torch.no_grad():
-                    y = fused(x.contiguous(memory_format=torch.channels_last))
-                assert len(calls) == n + 1, "the kernel did not run"
-                assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
-                err = rel_err(y, ref)
-                assert err < TOL, f"threads={threads} band={band}: rel err {err:.2e}"
+        for fused in stack_kernels(frozen):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for band in (1, 1 << 20):
+                    fused.band_bytes = band
+                    n = len(calls)
+                    with torch.no_grad():
+                        y = fused(x.contiguous(memory_format=torch.channels_last))
+                    assert len(calls) == n + 1, "the kernel did not run"
+                    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+                    err = rel_err(y, ref)
+                    assert err < TOL, f"{fused.impl_name()} threads={threads} band={band}: rel err {err:.2e}"
     finally:
         torch.set_num_threads(before)
 
@@ -305,6 +414,8 @@ def test_fused_stack_of_unravelled_and_topological_layers(monkeypatch):
     assert rel_err(y, ref) < TOL
     topo = randomized(SICStack.from_conv(nn.Conv2d(32, 32, 3, padding=1), depth=2, topology_rank=2))
     check_stack(topo, (1, 32, 6, 5), monkeypatch)
+    topo = randomized(SICStack.from_conv(nn.Conv2d(64, 48, 3, stride=2, padding=1), depth=3, topology_rank=3))
+    check_stack(topo, (2, 64, 11, 9), monkeypatch)
 
 
 def test_fused_stack_refuses_what_it_does_not_compute():
@@ -462,6 +573,6 @@ def test_every_recipe_optimized_with_the_kernels_keeps_its_outputs(recipe, prefe
     kept = [m for m in opt.modules() if isinstance(m, CpuKernelOp)]
     offered = [c for c in leanconv.implementation_choices(opt) if any(n.startswith("cpu:") for n in dict(c.timings))]
     assert len(kept) == len(offered)
-    if recipe.startswith(("sic", "unravel")):
+    if recipe.startswith(("sic", "unravel", "topo")):
         assert kept, f"{recipe}: no CPU kernel kept"
     assert rel_err(y, ref) < TOL, f"{recipe}: rel err {rel_err(y, ref):.2e}"

@@ -76,6 +76,17 @@ def _cpp_extension() -> ModuleType:
     return cpp_extension
 
 
+def _linked(source: Path, where: Path) -> Path:
+    """``source`` under a name unique in the build (``<method>_<file>``, a link in ``where``): the
+    build names each object file after its source's file name, and two methods' ``cpu.cpp`` would
+    both make ``cpu.o``. Includes are found through the include path, not the source's folder."""
+    link = where / f"{source.parent.name}_{source.name}"
+    if not (link.is_symlink() and link.resolve() == source.resolve()):
+        link.unlink(missing_ok=True)
+        link.symlink_to(source.resolve())
+    return link
+
+
 def _build() -> ModuleType:
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         raise BuildError(f"switched off by {DISABLE_ENV}=0")
@@ -89,7 +100,7 @@ def _build() -> ModuleType:
     where.mkdir(parents=True, exist_ok=True)
     if not SOURCES:
         raise BuildError("no method registered C++ kernel sources")
-    src = [str(path) for path in [MODULE, *SOURCES]]
+    src = [str(MODULE)] + [str(_linked(path, where)) for path in SOURCES]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

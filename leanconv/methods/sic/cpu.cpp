@@ -4,6 +4,7 @@
 // NHWC (channels_last) float32 in and out. Vectorized with GCC vector extensions: 16 floats per
 // vector (one zmm under -mavx512f, two ymm under -mavx2), the ISA chosen by the loader's flags.
 #include "kernels.h"
+#include "sparse.h"
 
 #include <memory>
 
@@ -162,10 +163,12 @@ RowFn pick_row(int64_t kh, int64_t kw) {
 
 // relu?(project(depthwise(x)) + bias + res_scale * residual), NHWC in and out.
 //   x: (B, C, H, W) float32; dw: (b, kh*kw, C) depthwise filters, multiplier slot r major;
-//   weight: (b*C, N) projection, row r*C + i for depthwise channel (i, r); bias: (N,) (the
+//   weight: (b*C, N) projection, row r*C + i for depthwise channel (i, r), packed by pack_projection;
+//   or, with a non-empty index, a sparse projection's weights (index: its plan, sparse.h); bias: (N,) (the
 //   depthwise bias already folded in); res_scale: (N,) or undefined; residual: (B, N, OH, OW) or
 //   undefined. band_bytes: the per-thread depthwise buffer's target size.
-at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::Tensor& weight, const at::Tensor& bias,
+at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::Tensor& weight, const at::Tensor& index,
+                       const at::Tensor& bias,
                        const c10::optional<at::Tensor>& res_scale, const c10::optional<at::Tensor>& residual,
                        std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
                        std::vector<int64_t> dilation, bool relu, int64_t band_bytes) {
@@ -180,8 +183,13 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
   TORCH_CHECK(dw.size(1) == g.kh * g.kw && dw.size(2) == g.C, "leanconv cpu sic: depthwise filters do not match x");
   TORCH_CHECK(g.kh <= 64, "leanconv cpu sic: kernel too tall");
   const int64_t K = g.b * g.C, N = bias.size(0);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == (N + NR - 1) / NR && weight.size(1) == K && weight.size(2) == NR,
-              "leanconv cpu sic: the projection is not packed for this build (pack_projection)");
+  const bool sparse = index.defined() && index.numel() > 0;
+  SparsePlan plan;
+  if (sparse)
+    plan = sparse_plan_of(index, weight, K, N);
+  else
+    TORCH_CHECK(weight.dim() == 3 && weight.size(0) == (N + NR - 1) / NR && weight.size(1) == K && weight.size(2) == NR,
+                "leanconv cpu sic: the projection is not packed for this build (pack_projection)");
   g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
   const int64_t B = x.size(0);
@@ -224,7 +232,10 @@ at::Tensor sic_forward(const at::Tensor& x_in, const at::Tensor& dw, const at::T
       }
       float* yb = yp + r0 * g.OW * N;
       Epilogue e{bp, rsp, resp ? resp + r0 * g.OW * N : nullptr, relu};
-      band_gemm(buf, P, K, wp_packed, N, yb, e);
+      if (sparse)
+        sparse_band(buf, P, K, plan, N, yb, e);
+      else
+        band_gemm(buf, P, K, wp_packed, N, yb, e);
     }
   });
   return y;
@@ -242,7 +253,8 @@ namespace {
 struct StackLayer {
   Dw g;
   const float* dw;      // (b, kh*kw, C)
-  const float* wp;      // packed projection
+  const float* wp;      // packed projection (dense)
+  SparsePlan sparse;    // or a sparse one (sparse.R > 0)
   const float* bias;    // (N,)
   const float* rs;      // (N,) or null
   int64_t K, N;
@@ -261,17 +273,19 @@ thread_local Buffer stack_buffer;
 }  // namespace
 
 // x -> layer_{m-1}(... layer_0(x)), every layer relu?(project(depthwise(in)) + bias + rs * in?).
-//   dws[l]: (b, kh*kw, C_l); weights[l]: packed (pack_projection); biases[l]: (N_l,);
+//   dws[l]: (b, kh*kw, C_l); weights[l]: packed (pack_projection), or a sparse projection's
+//   weights where index[l] is not empty (its plan, sparse.h); biases[l]: (N_l,);
 //   res_scales[l]: (N_l,) or empty (scale 1); geometry: 8 ints per layer (kh kw sh sw ph pw dh dw);
 //   relu, residual: per layer. band_bytes: the per-thread buffer's target for the intermediates.
 at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& dws,
-                             const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                             const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& index,
+                             const std::vector<at::Tensor>& biases,
                              const std::vector<at::Tensor>& res_scales, std::vector<int64_t> geometry,
                              std::vector<bool> relu, std::vector<bool> residual, int64_t band_bytes) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "leanconv cpu sic stack: x must be a 4-D float32 CPU tensor");
   const int64_t m = (int64_t)dws.size();
-  TORCH_CHECK(m >= 1 && (int64_t)weights.size() == m && (int64_t)biases.size() == m && (int64_t)res_scales.size() == m &&
+  TORCH_CHECK(m >= 1 && (int64_t)weights.size() == m && (int64_t)index.size() == m && (int64_t)biases.size() == m && (int64_t)res_scales.size() == m &&
                   (int64_t)geometry.size() == 8 * m && (int64_t)relu.size() == m && (int64_t)residual.size() == m,
               "leanconv cpu sic stack: one set of operands per layer");
   at::Tensor x = nhwc(x_in);
@@ -291,9 +305,11 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
                 "leanconv cpu sic stack: bad geometry");
     s.K = g.b * C;
     s.N = biases[l].size(0);
-    TORCH_CHECK(weights[l].dim() == 3 && weights[l].size(0) == (s.N + NR - 1) / NR && weights[l].size(1) == s.K &&
-                    weights[l].size(2) == NR,
-                "leanconv cpu sic stack: layer ", l, "'s projection is not packed for this build");
+    const bool sparse = index[l].defined() && index[l].numel() > 0;
+    if (!sparse)
+      TORCH_CHECK(weights[l].dim() == 3 && weights[l].size(0) == (s.N + NR - 1) / NR && weights[l].size(1) == s.K &&
+                      weights[l].size(2) == NR,
+                  "leanconv cpu sic stack: layer ", l, "'s projection is not packed for this build");
     g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
     g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
     s.res = residual[l];
@@ -305,6 +321,10 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
     s.dw = keep[keep.size() - 3].data_ptr<float>();
     s.wp = keep[keep.size() - 2].data_ptr<float>();
     s.bias = keep[keep.size() - 1].data_ptr<float>();
+    if (sparse) {
+      keep.push_back(index[l].contiguous());
+      s.sparse = sparse_plan_of(keep.back(), keep[keep.size() - 3], s.K, s.N);
+    }
     s.rs = nullptr;
     if (s.res && res_scales[l].defined() && res_scales[l].numel() > 0) {
       TORCH_CHECK(res_scales[l].numel() == s.N, "leanconv cpu sic stack: bad residual scale");
@@ -382,7 +402,10 @@ at::Tensor sic_stack_forward(const at::Tensor& x_in, const std::vector<at::Tenso
           for (int64_t r = a; r < b; ++r) s.row(in, s.dw, dwbuf + (r - a) * g.OW * s.K, s.K, g, r);
           const int64_t done = (a - lo[l]) * g.OW * s.N;
           Epilogue e{s.bias, s.rs, res ? res + done : nullptr, s.relu};
-          band_gemm(dwbuf, (b - a) * g.OW, s.K, s.wp, s.N, out + done, e);
+          if (s.sparse.R > 0)
+            sparse_band(dwbuf, (b - a) * g.OW, s.K, s.sparse, s.N, out + done, e);
+          else
+            band_gemm(dwbuf, (b - a) * g.OW, s.K, s.wp, s.N, out + done, e);
         }
       }
       prev_n = n;

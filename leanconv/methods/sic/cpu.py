@@ -12,6 +12,7 @@ from leanconv.kernels.cpu import build, cpu_alternative
 from leanconv.kernels.cpu.op import CpuKernelOp
 from leanconv.layers.functional import conv_output_size
 from leanconv.methods.split import SplitOp
+from leanconv.methods.topo.cpu import is_projection, sparse_plan
 from leanconv.methods.topo.op import TopoOp
 from leanconv.optimize.ops import ConvOp
 
@@ -21,7 +22,7 @@ from leanconv.optimize.ops import ConvOp
 BAND_BYTES = 256 << 10
 
 
-def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, bias: Tensor, res_scale: Optional[Tensor],
+def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, index: Tensor, bias: Tensor, res_scale: Optional[Tensor],
               residual: Optional[Tensor], kernel: list[int], stride: list[int], padding: list[int],
               dilation: list[int], relu: bool, band_bytes: int) -> Tensor:
     """``relu?(project(depthwise(x)) + bias + res_scale * residual)``, NHWC float32 in and out.
@@ -30,18 +31,20 @@ def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, bias: Tensor, res_scale: Op
         x: ``(B, C, H, W)`` float32 (made channels_last if it is not).
         dw: ``(b, kh*kw, C)`` depthwise filters, multiplier slot major.
         weight: the ``(b*C, N)`` projection packed by the module's ``pack_projection``; row ``r*C + i``
-            takes depthwise channel ``i*b + r``.
+            takes depthwise channel ``i*b + r``. Or, where ``index`` is not empty, the weights of a
+            sparse projection (``leanconv.methods.topo.cpu.sparse_plan``).
+        index: the sparse projection's plan (int32), or an empty tensor (dense).
         bias: ``(N,)``, the depthwise bias folded in. res_scale: ``(N,)`` or None.
         residual: ``(B, N, OH, OW)`` or None.
         band_bytes: target size of the per-thread depthwise band buffer.
     Returns:
         ``(B, N, OH, OW)`` channels_last.
     """
-    return build.load().sic_forward(x, dw, weight, bias, res_scale, residual, kernel, stride, padding, dilation,
+    return build.load().sic_forward(x, dw, weight, index, bias, res_scale, residual, kernel, stride, padding, dilation,
                                     relu, band_bytes)
 
 
-def _sic_fake(x, dw, weight, bias, res_scale, residual, kernel, stride, padding, dilation, relu, band_bytes):
+def _sic_fake(x, dw, weight, index, bias, res_scale, residual, kernel, stride, padding, dilation, relu, band_bytes):
     b, _, h, w = x.shape
     oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
     return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
@@ -53,10 +56,11 @@ sic_layer_op.register_fake(_sic_fake)
 
 
 @torch.no_grad()
-def pack_split(op: SplitOp) -> tuple[Tensor, Tensor, Tensor, tuple[list[int], ...]]:
+def pack_split(op: SplitOp, sparse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[list[int], ...]]:
     """The kernel's operands of a SplitOp ``covered`` by it: depthwise filters ``(b, kh*kw, C)``,
-    the projection packed by the module's ``pack_projection``, the bias with the depthwise bias
-    folded in, and ``(kernel, stride, padding, dilation)``."""
+    the projection packed by the module's ``pack_projection`` and an empty index (or, ``sparse``,
+    a topological projection's sparse weights and plan), the bias with the depthwise bias folded
+    in, and ``(kernel, stride, padding, dilation)``."""
     d, p = op.depthwise, op.project
     pk = p.dense_kernel()
     if pk is None:
@@ -71,7 +75,14 @@ def pack_split(op: SplitOp) -> tuple[Tensor, Tensor, Tensor, tuple[list[int], ..
     weight = proj.reshape(n, c, b).permute(2, 1, 0).reshape(b * c, n).contiguous()  # (b*C, N)
     bias = proj @ d.bias.float() + (pbias.float() if pbias is not None else 0)  # depthwise bias folded
     geometry = ([kh, kw], list(d.stride), list(d.padding), list(d.dilation))
-    return dw, build.load().pack_projection(weight), bias.contiguous(), geometry
+    if sparse:
+        j = torch.arange(c * b)
+        plan = sparse_plan(p, input_rows=(j % b) * c + j // b)  # depthwise channel i*b + r -> row r*C + i
+        return dw, plan.weights, plan.index, bias.contiguous(), geometry
+    return dw, build.load().pack_projection(weight), NO_INDEX, bias.contiguous(), geometry
+
+
+NO_INDEX = torch.empty(0, dtype=torch.int32)  # a dense projection's index
 
 
 class CpuSplitOp(CpuKernelOp):
@@ -82,21 +93,33 @@ class CpuSplitOp(CpuKernelOp):
     kernel = staticmethod(sic_layer_op)
     launch = staticmethod(sic_layer)
     band_bytes = BAND_BYTES
+    sparse = False  # the projection as its dense GEMM; CpuSplitTopoOp: as its sparse plan
 
     def repack(self) -> None:
-        dw, weight, bias, self.geometry = pack_split(self.ref)
+        dw, weight, index, bias, self.geometry = pack_split(self.ref, self.sparse)
         self.register_buffer("dw", dw, persistent=False)
-        self.register_buffer("weight", weight, persistent=False)  # (panels, K, NR)
+        self.register_buffer("weight", weight, persistent=False)  # (panels, K, NR) or sparse weights
+        self.register_buffer("index", index, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         kernel, stride, padding, dilation = self.geometry
         rs = self.ref.res_scale if residual is not None else None
-        return (x, self.dw, self.weight, self.bias, rs, residual, kernel, stride, padding, dilation, self.relu,
+        return (x, self.dw, self.weight, self.index, self.bias, rs, residual, kernel, stride, padding, dilation, self.relu,
                 self.band_bytes)
 
     def impl_name(self) -> str:
         return "cpu:sic"
+
+
+class CpuSplitTopoOp(CpuSplitOp):
+    """A ``CpuSplitOp`` whose topological projection multiplies only its connections (the sparse
+    projection of ``leanconv.methods.topo.cpu`` on the depthwise band)."""
+
+    sparse = True
+
+    def impl_name(self) -> str:
+        return "cpu:sic-topo"
 
 
 def covered(op: SplitOp) -> bool:
@@ -116,4 +139,6 @@ def covered(op: SplitOp) -> bool:
 def _split_alternatives(op: SplitOp) -> list[CpuKernelOp]:
     if not covered(op) or not build.available():
         return []
+    if is_projection(op.project):  # both: optimize keeps the faster
+        return [CpuSplitOp(op), CpuSplitTopoOp(op)]
     return [CpuSplitOp(op)]

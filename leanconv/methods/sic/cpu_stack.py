@@ -13,6 +13,7 @@ from leanconv.kernels.cpu.op import CpuKernelOp
 from leanconv.layers.functional import conv_output_size
 from leanconv.methods.sic.cpu import CpuSplitOp, covered, pack_split
 from leanconv.methods.split import SplitOp
+from leanconv.methods.topo.cpu import is_projection
 from leanconv.optimize.ops import StackOp
 
 # bytes of intermediate activations per band and thread (every layer's rows but the last's). The
@@ -20,14 +21,16 @@ from leanconv.optimize.ops import StackOp
 STACK_BAND_BYTES = 1 << 20
 
 
-def sic_stack(x: Tensor, dws: list[Tensor], weights: list[Tensor], biases: list[Tensor], res_scales: list[Tensor],
+def sic_stack(x: Tensor, dws: list[Tensor], weights: list[Tensor], index: list[Tensor], biases: list[Tensor],
+              res_scales: list[Tensor],
               geometry: list[int], relu: list[bool], residual: list[bool], band_bytes: int) -> Tensor:
     """``layer_{m-1}(... layer_0(x))``, each layer ``relu?(project(depthwise(in)) + bias + rs * in?)``;
     NHWC float32 in and out.
 
     Args:
         x: ``(B, C, H, W)`` float32 (made channels_last if it is not).
-        dws, weights, biases: per layer, as ``cpu.sic_layer`` takes them (projection packed).
+        dws, weights, index, biases: per layer, as ``cpu.sic_layer`` takes them (a projection packed,
+            or sparse where its index is not empty).
         res_scales: per layer, ``(N,)`` or an empty tensor (scale 1; ignored without a residual).
         geometry: 8 ints per layer: kernel, stride, padding, dilation (each height, width).
         relu, residual: per layer; a residual adds the layer's own input (the shape must be kept).
@@ -35,10 +38,10 @@ def sic_stack(x: Tensor, dws: list[Tensor], weights: list[Tensor], biases: list[
     Returns:
         ``(B, N, OH, OW)`` channels_last.
     """
-    return build.load().sic_stack_forward(x, dws, weights, biases, res_scales, geometry, relu, residual, band_bytes)
+    return build.load().sic_stack_forward(x, dws, weights, index, biases, res_scales, geometry, relu, residual, band_bytes)
 
 
-def _stack_fake(x, dws, weights, biases, res_scales, geometry, relu, residual, band_bytes):
+def _stack_fake(x, dws, weights, index, biases, res_scales, geometry, relu, residual, band_bytes):
     b, _, h, w = x.shape
     for i in range(len(dws)):
         kh, kw, sh, sw, ph, pw, dh, dw = geometry[8 * i:8 * i + 8]
@@ -66,6 +69,7 @@ class CpuStackOp(CpuKernelOp):
     kernel = staticmethod(sic_stack_op)
     launch = staticmethod(sic_stack)
     band_bytes = STACK_BAND_BYTES
+    sparse = False  # CpuStackTopoOp: topological projections as their sparse plans
 
     res_scale = property(lambda self: None)
 
@@ -74,13 +78,13 @@ class CpuStackOp(CpuKernelOp):
         if any(s is None for s in splits):
             raise ValueError("a layer of the stack is not one the kernel computes")
         self.geometry: list[int] = []
-        self.operands: list[tuple[str, str, str, str]] = []
+        self.operands: list[tuple[str, ...]] = []
         for i, (split, res) in enumerate(zip(splits, self.ref.residual)):
-            dw, weight, bias, (k, s, p, d) = pack_split(split)
+            dw, weight, index, bias, (k, s, p, d) = pack_split(split, self.sparse and is_projection(split.project))
             self.geometry += [k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1]]
             rs = split.res_scale if res and split.res_scale is not None else torch.empty(0)
-            names = (f"dw{i}", f"weight{i}", f"bias{i}", f"res_scale{i}")
-            for name, t in zip(names, (dw, weight, bias, rs.float().contiguous())):
+            names = (f"dw{i}", f"weight{i}", f"index{i}", f"bias{i}", f"res_scale{i}")
+            for name, t in zip(names, (dw, weight, index, bias, rs.float().contiguous())):
                 self.register_buffer(name, t, persistent=False)
             self.operands.append(names)
         self.relus = [bool(op.relu) for op in self.ref.ops]
@@ -99,12 +103,21 @@ class CpuStackOp(CpuKernelOp):
         return self.ref(x)
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
-        get = [[getattr(self, names[j]) for names in self.operands] for j in range(4)]
+        get = [[getattr(self, names[j]) for names in self.operands] for j in range(5)]
         relus = self.relus[:-1] + [bool(self.ref.relu)]  # the last op's ReLU may be set after packing
-        return (x, get[0], get[1], get[2], get[3], self.geometry, relus, list(self.ref.residual), self.band_bytes)
+        return (x, get[0], get[1], get[2], get[3], get[4], self.geometry, relus, list(self.ref.residual), self.band_bytes)
 
     def impl_name(self) -> str:
         return f"cpu:sic-stack x{len(self.operands)}"
+
+
+class CpuStackTopoOp(CpuStackOp):
+    """A ``CpuStackOp`` whose topological projections multiply only their connections."""
+
+    sparse = True
+
+    def impl_name(self) -> str:
+        return f"cpu:sic-topo-stack x{len(self.operands)}"
 
 
 @cpu_alternative(StackOp)
@@ -113,4 +126,6 @@ def _stack_alternatives(op: StackOp) -> list[CpuKernelOp]:
     per-layer kernel computes (a single layer is the per-layer kernel's)."""
     if len(op.ops) < 2 or any(split_of(o) is None for o in op.ops) or not build.available():
         return []
+    if any(is_projection(split_of(o).project) for o in op.ops):  # both: optimize keeps the faster
+        return [CpuStackOp(op), CpuStackTopoOp(op)]
     return [CpuStackOp(op)]
