@@ -80,3 +80,17 @@ class StdConv(nn.Conv2d):
         w = self.weight
         w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def launched(monkeypatch, op_class) -> list:
+    """Records every direct kernel launch of ``op_class`` (a CPU-kernel op), so a test knows the
+    kernel ran, not its fallback."""
+    calls = []
+    real = op_class.launch
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(op_class, "launch", staticmethod(counting))
+    return calls

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leanconv
+import conftest
 from conftest import randomized, rel_err
 from leanconv.demo.teacher import fmnist_resnet
 from leanconv.kernels.cpu import build, cpu_alternatives
@@ -50,18 +51,8 @@ def compiled_graph(module, x):
 
 
 def launched(monkeypatch, op_class=None) -> list:
-    """Records every direct kernel launch of ``op_class`` (default ``CpuSplitOp``), so a test knows
-    the kernel ran, not its fallback."""
-    op_class = op_class or CpuSplitOp
-    calls = []
-    real = op_class.launch
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(op_class, "launch", staticmethod(counting))
-    return calls
+    """``conftest.launched`` of ``op_class`` (default ``CpuSplitOp``)."""
+    return conftest.launched(monkeypatch, op_class or CpuSplitOp)
 
 
 def check(layer: nn.Module, shape, epilogues, monkeypatch, band_bytes=None) -> None:

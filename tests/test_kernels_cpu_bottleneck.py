@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leanconv
-from conftest import randomized, rel_err
+from conftest import launched, randomized, rel_err
 from leanconv.kernels.cpu import build, cpu_alternatives
 from leanconv.methods import SICStack, Topology
 from leanconv.methods.bottleneck.cpu import CpuBottleneckOp
@@ -22,19 +22,6 @@ from leanconv.optimize.ops import StackOp
 pytestmark = pytest.mark.skipif(not build.available(), reason="the CPU kernels cannot be built here")
 TOL = 1e-5
 CL = torch.channels_last
-
-
-def launched(monkeypatch, op_class) -> list:
-    """Records every direct kernel launch of ``op_class``, so a test knows the kernel ran."""
-    calls = []
-    real = op_class.launch
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(op_class, "launch", staticmethod(counting))
-    return calls
 
 
 def layer_kernel(op) -> CpuBottleneckOp:

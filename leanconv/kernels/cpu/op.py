@@ -42,3 +42,23 @@ class CpuKernelOp(KernelOp):
     def fallback(self, x: Tensor, residual: Tensor | None) -> Tensor:
         """What ``ref`` computes, where the kernel may not run."""
         return self.ref(x, residual)
+
+
+class CpuStackKernelOp(CpuKernelOp):
+    """A CPU-kernel op replacing a whole ``StackOp``: it takes no residual of its own (a StackOp has
+    none), re-packs after a BatchNorm folds into it, and falls back to the StackOp."""
+
+    res_scale = property(lambda self: None)
+
+    @torch.no_grad()
+    def fold_affine(self, a: Tensor, b: Tensor) -> None:
+        self.ref.fold_affine(a, b)
+        self.repack()
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is not None:
+            raise ValueError("a stack takes no residual")
+        return super().forward(x)
+
+    def fallback(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        return self.ref(x)

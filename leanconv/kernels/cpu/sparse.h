@@ -132,14 +132,15 @@ inline void from_planar(const float* yt, int64_t ld, int64_t P, int64_t N, float
   if (P16 < P) block(P16, (int)(P - P16));
 }
 
-// yt rows of one group's outputs, pixels [p0, p0 + 16 U): R * U accumulators, one load of each
-// input vector per R FMAs.
-template <int R, int U>
-inline void sparse_group_block(const float* at, int64_t ld, const int32_t* idx, const float* w, int64_t m,
-                               const int32_t* rows, float* yt, int64_t p0) {
+// yt rows of one group's outputs, pixels [p0, p0 + 16 U) (output row stride ldo): R * U
+// accumulators, one load of each input vector per R FMAs. Input j starts at at + offset(j) + p0:
+// a planar row (sparse_rows), or a (channel, tap) shift of the padded planes (cpu:topo's conv).
+template <int R, int U, typename Offset>
+inline void group_block(const float* at, Offset offset, const float* w, int64_t m, const int32_t* rows, float* yt,
+                        int64_t ldo, int64_t p0) {
   v16 acc[R][U] = {};
   for (int64_t j = 0; j < m; ++j) {
-    const float* x = at + idx[j] * ld + p0;
+    const float* x = at + offset(j) + p0;
     v16 xv[U];
     for (int u = 0; u < U; ++u) xv[u] = load<v16>(x + 16 * u);
     for (int r = 0; r < R; ++r) {
@@ -149,7 +150,7 @@ inline void sparse_group_block(const float* at, int64_t ld, const int32_t* idx, 
   }
   for (int r = 0; r < R; ++r) {
     if (rows[r] < 0) continue;
-    float* o = yt + rows[r] * ld + p0;
+    float* o = yt + rows[r] * ldo + p0;
     for (int u = 0; u < U; ++u) store<v16>(o + 16 * u, acc[r][u]);
   }
 }
@@ -161,7 +162,9 @@ inline void sparse_rows(const float* at, int64_t ld, int64_t P, const SparsePlan
   for (int64_t p0 = 0; p0 < P; p0 += 16 * U) {
     for (int64_t g = 0; g < s.G; ++g) {
       const int64_t a = s.ptr[g];
-      sparse_group_block<R, U>(at, ld, s.idx + a, s.w + a * R, s.ptr[g + 1] - a, s.rows + g * R, yt, p0);
+      const int32_t* idx = s.idx + a;
+      group_block<R, U>(at, [idx, ld](int64_t j) { return idx[j] * ld; }, s.w + a * R, s.ptr[g + 1] - a,
+                        s.rows + g * R, yt, ld, p0);
     }
   }
 }

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from leanconv.kernels.cpu import build, cpu_alternative
-from leanconv.kernels.cpu.op import CpuKernelOp
+from leanconv.kernels.cpu.op import CpuKernelOp, CpuStackKernelOp
 from leanconv.methods.bottleneck.cpu import CpuBottleneckOp, covered, pack_bottleneck
 from leanconv.methods.bottleneck.op import BottleneckOp
 from leanconv.optimize.ops import StackOp
@@ -64,7 +64,7 @@ def bottleneck_of(op) -> BottleneckOp | None:
     return op if isinstance(op, BottleneckOp) and covered(op) else None
 
 
-class CpuBottleneckStackOp(CpuKernelOp):
+class CpuBottleneckStackOp(CpuStackKernelOp):
     """A ``StackOp`` of spatial bottleneck layers run by ``leanconv::cpu_bottleneck_stack``; ``ref``
     (the StackOp) runs wherever the kernel may not. Takes no residual of its own."""
 
@@ -72,7 +72,6 @@ class CpuBottleneckStackOp(CpuKernelOp):
     launch = staticmethod(bottleneck_stack)
     band_bytes: int | None = None  # None: STACK_BAND_BYTES or twice the packed projections' bytes
 
-    res_scale = property(lambda self: None)
 
     def repack(self) -> None:
         layers = [bottleneck_of(op) for op in self.ref.ops]
@@ -90,19 +89,6 @@ class CpuBottleneckStackOp(CpuKernelOp):
         self.relus = [bool(op.relu) for op in self.ref.ops]
         weights = sum(getattr(self, names[1]).numel() * 4 for names in self.operands)
         self.auto_band_bytes = max(STACK_BAND_BYTES, 2 * weights)
-
-    @torch.no_grad()
-    def fold_affine(self, a: Tensor, b: Tensor) -> None:
-        self.ref.fold_affine(a, b)
-        self.repack()
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if residual is not None:
-            raise ValueError("a stack takes no residual")
-        return super().forward(x)
-
-    def fallback(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        return self.ref(x)
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         get = [[getattr(self, names[j]) for names in self.operands] for j in range(6)]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from leanconv.kernels.cpu import build, cpu_alternative
-from leanconv.kernels.cpu.op import CpuKernelOp
+from leanconv.kernels.cpu.op import CpuKernelOp, CpuStackKernelOp
 from leanconv.layers.functional import conv_output_size
 from leanconv.methods.sic.cpu import CpuSplitOp, covered, pack_split
 from leanconv.methods.split import SplitOp
@@ -62,7 +62,7 @@ def split_of(op) -> SplitOp | None:
     return op if isinstance(op, SplitOp) and covered(op) else None
 
 
-class CpuStackOp(CpuKernelOp):
+class CpuStackOp(CpuStackKernelOp):
     """A ``StackOp`` of SIC / unravelled layers run by ``leanconv::cpu_sic_stack``; ``ref`` (the
     StackOp) runs wherever the kernel may not. Takes no residual of its own (a StackOp has none)."""
 
@@ -71,7 +71,6 @@ class CpuStackOp(CpuKernelOp):
     band_bytes = STACK_BAND_BYTES
     sparse = False  # CpuStackTopoOp: topological projections as their sparse plans
 
-    res_scale = property(lambda self: None)
 
     def repack(self) -> None:
         splits = [split_of(op) for op in self.ref.ops]
@@ -88,19 +87,6 @@ class CpuStackOp(CpuKernelOp):
                 self.register_buffer(name, t, persistent=False)
             self.operands.append(names)
         self.relus = [bool(op.relu) for op in self.ref.ops]
-
-    @torch.no_grad()
-    def fold_affine(self, a: Tensor, b: Tensor) -> None:
-        self.ref.fold_affine(a, b)
-        self.repack()
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if residual is not None:
-            raise ValueError("a stack takes no residual")
-        return super().forward(x)
-
-    def fallback(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        return self.ref(x)
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
         get = [[getattr(self, names[j]) for names in self.operands] for j in range(5)]

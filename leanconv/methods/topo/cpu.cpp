@@ -13,35 +13,15 @@ using namespace leanconv_cpu;
 
 namespace {
 
-// One group's outputs, pixels [p0, p0 + 16 U) of the padded band: off[j] is input j's (channel,
-// tap) offset into the planar band.
-template <int R, int U>
-inline void conv_group_block(const float* at, const int64_t* off, const float* w, int64_t m, const int32_t* rows,
-                             float* yt, int64_t ldo, int64_t p0) {
-  v16 acc[R][U] = {};
-  for (int64_t j = 0; j < m; ++j) {
-    const float* x = at + off[j] + p0;
-    v16 xv[U];
-    for (int u = 0; u < U; ++u) xv[u] = load<v16>(x + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const float s = w[j * R + r];
-      for (int u = 0; u < U; ++u) acc[r][u] += s * xv[u];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (rows[r] < 0) continue;
-    float* o = yt + rows[r] * ldo + p0;
-    for (int u = 0; u < U; ++u) store<v16>(o + 16 * u, acc[r][u]);
-  }
-}
-
 template <int R, int U>
 void conv_rows(const float* at, const int64_t* off, const SparsePlan& s, float* yt, int64_t ldo, int64_t P) {
   // pixel blocks outer (groups outer timed the same, 128-512 channels)
   for (int64_t p0 = 0; p0 < P; p0 += 16 * U) {
     for (int64_t g = 0; g < s.G; ++g) {
       const int64_t a = s.ptr[g];
-      conv_group_block<R, U>(at, off + a, s.w + a * R, s.ptr[g + 1] - a, s.rows + g * R, yt, ldo, p0);
+      const int64_t* o = off + a;
+      group_block<R, U>(at, [o](int64_t j) { return o[j]; }, s.w + a * R, s.ptr[g + 1] - a, s.rows + g * R, yt,
+                        ldo, p0);
     }
   }
 }
