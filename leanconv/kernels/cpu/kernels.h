@@ -65,6 +65,10 @@ template <int64_t ROWS>
 inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
                        int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   v16 acc[ROWS][NV];
+  const float* bias = e.bias;
+  const float* rsc = e.rs;
+  const float* resb = e.res && last ? e.res + p0 * ldy + n0 : nullptr;
+  const bool relu = e.relu;
   for (int64_t r = 0; r < ROWS; ++r) {
     const float* yr = y + r * ldy + n0;
     if (first) {
@@ -90,7 +94,7 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
   }
   for (int64_t r = 0; r < ROWS; ++r) {
     float* yr = y + r * ldy + n0;
-    const float* rr = e.res && last ? e.res + (p0 + r) * ldy + n0 : nullptr;
+    const float* rr = resb ? resb + r * ldy : nullptr;
     if (!last) {  // partial sums
       if (ncols == NR) {
         for (int64_t v = 0; v < NV; ++v) store<v16>(yr + 16 * v, acc[r][v]);
@@ -101,18 +105,18 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
       }
     } else if (ncols == NR) {
       for (int64_t v = 0; v < NV; ++v) {
-        v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
-        if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
-        if (e.relu) o = o > 0.0f ? o : v16{};
+        v16 o = acc[r][v] + load<v16>(bias + n0 + 16 * v);
+        if (rr) o += rsc ? load<v16>(rsc + n0 + 16 * v) * load<v16>(rr + 16 * v) : load<v16>(rr + 16 * v);
+        if (relu) o = o > 0.0f ? o : v16{};
         store<v16>(yr + 16 * v, o);
       }
     } else {  // the last panel of an N that is not a multiple of NR
       float tmp[NR];
       for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
       for (int64_t j = 0; j < ncols; ++j) {
-        float o = tmp[j] + e.bias[n0 + j];
-        if (rr) o += (e.rs ? e.rs[n0 + j] : 1.0f) * rr[j];
-        yr[j] = e.relu && o < 0.0f ? 0.0f : o;
+        float o = tmp[j] + bias[n0 + j];
+        if (rr) o += (rsc ? rsc[n0 + j] : 1.0f) * rr[j];
+        yr[j] = relu && o < 0.0f ? 0.0f : o;
       }
     }
   }
@@ -136,6 +140,19 @@ inline void band_gemm(const float* a, int64_t P, int64_t K, const float* wp, int
   const int64_t panels = (N + NR - 1) / NR;
   // slices of equal length, none longer than KC
   const int64_t slices = (K + KC - 1) / KC, kc = (K + slices - 1) / slices;
+  if (slices == 1 && panels > 1 && panels * K * NR * (int64_t)sizeof(float) <= (32 << 10)) {
+    // the whole packed projection fits L1 (K = N = 64: 16 KiB): each row block of a (MR x K) is
+    // read from L2 once and passes over every panel, and each output row is stored in one go
+    // (panel by panel, a was read once per panel and y's rows stored in NR-column pieces)
+    int64_t p = 0;
+    for (; p + MR <= P; p += MR)
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_block<MR>(a + p * K, K, wp + j * K * NR, K, y + p * N, N, j * NR, std::min(NR, N - j * NR), e, p, true, true);
+    if (p < P)
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_tail<MR - 1>(P - p, a + p * K, K, wp + j * K * NR, K, y + p * N, N, j * NR, std::min(NR, N - j * NR), e, p, true, true);
+    return;
+  }
   for (int64_t j = 0; j < panels; ++j) {
     const int64_t n0 = j * NR, ncols = std::min(NR, N - n0);
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
