@@ -65,10 +65,6 @@ template <int64_t ROWS>
 inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, float* y, int64_t ldy,
                        int64_t n0, int64_t ncols, const Epilogue& e, int64_t p0, bool first, bool last) {
   v16 acc[ROWS][NV];
-  const float* bias = e.bias;
-  const float* rsc = e.rs;
-  const float* resb = e.res && last ? e.res + p0 * ldy + n0 : nullptr;
-  const bool relu = e.relu;
   for (int64_t r = 0; r < ROWS; ++r) {
     const float* yr = y + r * ldy + n0;
     if (first) {
@@ -94,7 +90,7 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
   }
   for (int64_t r = 0; r < ROWS; ++r) {
     float* yr = y + r * ldy + n0;
-    const float* rr = resb ? resb + r * ldy : nullptr;
+    const float* rr = e.res && last ? e.res + (p0 + r) * ldy + n0 : nullptr;
     if (!last) {  // partial sums
       if (ncols == NR) {
         for (int64_t v = 0; v < NV; ++v) store<v16>(yr + 16 * v, acc[r][v]);
@@ -105,18 +101,18 @@ inline void gemm_block(const float* a, int64_t lda, const float* wp, int64_t K, 
       }
     } else if (ncols == NR) {
       for (int64_t v = 0; v < NV; ++v) {
-        v16 o = acc[r][v] + load<v16>(bias + n0 + 16 * v);
-        if (rr) o += rsc ? load<v16>(rsc + n0 + 16 * v) * load<v16>(rr + 16 * v) : load<v16>(rr + 16 * v);
-        if (relu) o = o > 0.0f ? o : v16{};
+        v16 o = acc[r][v] + load<v16>(e.bias + n0 + 16 * v);
+        if (rr) o += (e.rs ? load<v16>(e.rs + n0 + 16 * v) : v16{} + 1.0f) * load<v16>(rr + 16 * v);
+        if (e.relu) o = o > 0.0f ? o : v16{};
         store<v16>(yr + 16 * v, o);
       }
     } else {  // the last panel of an N that is not a multiple of NR
       float tmp[NR];
       for (int64_t v = 0; v < NV; ++v) store<v16>(tmp + 16 * v, acc[r][v]);
       for (int64_t j = 0; j < ncols; ++j) {
-        float o = tmp[j] + bias[n0 + j];
-        if (rr) o += (rsc ? rsc[n0 + j] : 1.0f) * rr[j];
-        yr[j] = relu && o < 0.0f ? 0.0f : o;
+        float o = tmp[j] + e.bias[n0 + j];
+        if (rr) o += (e.rs ? e.rs[n0 + j] : 1.0f) * rr[j];
+        yr[j] = e.relu && o < 0.0f ? 0.0f : o;
       }
     }
   }
