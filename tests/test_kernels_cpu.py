@@ -377,6 +377,9 @@ STACK_CASES = {  # in, out, k, stride, padding, depth, first residual, (H, W), b
     "m3-5x5-tail-channels": (19, 37, 5, 1, 2, 3, True, (10, 9), 1),
     "m2-1-pixel": (17, 17, 3, 1, 1, 2, True, (1, 1), 3),
     "m2-first-residual-off": (32, 32, 3, 1, 1, 2, False, (14, 14), 2),
+    # weights over 1 MiB and whole-image bands: several images a task (5 images: 5 / 3 + 2 / 1 each)
+    "m2-512-images-grouped": (512, 512, 3, 1, 1, 2, True, (5, 4), 5),
+    "m2-stride2-images-grouped": (256, 512, 3, 2, 1, 2, True, (9, 7), 3),
 }
 
 
