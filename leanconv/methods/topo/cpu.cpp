@@ -1,5 +1,5 @@
-// A topological k x k conv (any stride, padding and dilation) on CPU with exactly its MACs, band of
-// output rows by band. NHWC float32 in and out.
+// A topological k x k conv (any stride, padding and dilation) on CPU with exactly its MACs (but for
+// the union of a group's windows), band of output rows by band. NHWC float32 in and out.
 //
 // Layout: a stride (sh, sw) conv reads input row sh r + dy dh - ph, column sw c + dx dw - pw; the
 // input is split into sh * sw phase planes (rows = a mod sh, columns = b mod sw), where every tap is
@@ -10,11 +10,14 @@
 // tall image is image R / Hq, row R % Hq (rows past OH: discarded). A band's planes (every input
 // channel, its rows with the halo) are transposed into planar rows (sparse.h's to_planar).
 //
-// Compute: every output channel (the plan's groups of R = 1: exactly its connections) accumulates
-// V vectors of 16 output pixels, V output rows (1 vector per row; or M = 16 / Wq rows per vector
-// on maps narrower than 16): the taps of one input channel that read the same plane columns at
-// consecutive row shifts (a "run": 3x3 stride 1, each column dx) load each input row once and feed
-// it to the up-to-3 output rows it contributes to, (V - 1) M + k loads for k V FMAs.
+// Compute, two kernels (both offered; optimize keeps the faster per shape):
+// - flat (cpu:topo): bands of one image; pixel blocks of 64 consecutive band positions, every
+//   (channel, tap) input a shifted plane (sparse.h's group_block: groups of R outputs, the plan's R).
+// - rows (cpu:topo-rows): bands of the tall image; tiles of V vectors of 16 output pixels, V output
+//   rows (1 vector per row, or M = 16 / Wq rows per vector on maps narrower than 16), groups of
+//   R = 2 outputs: the taps of one input channel that read the same plane columns at consecutive
+//   row shifts (a "run": 3x3 stride 1, each column dx) load each input row once and feed it to the
+//   up-to-3 output rows it contributes to, (V - 1) M + k loads for k V R FMAs.
 #include "kernels.h"
 #include "sparse.h"
 
@@ -215,7 +218,8 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
     float* yt = at_ + C * ld;
     for (int64_t band = first; band < end; ++band) {
       const int64_t n0 = band / per_image, r0 = band % per_image * rpb;
-      const int64_t R0 = rows ? band * rpb : n0 * Hq + r0, R1 = rows ? std::min(total, R0 + rpb) : n0 * Hq + std::min(OH, r0 + rpb);
+      const int64_t R0 = rows ? band * rpb : n0 * Hq + r0;
+      const int64_t R1 = rows ? std::min(total, R0 + rpb) : n0 * Hq + std::min(OH, r0 + rpb);
       // zero everything the taps may read: padding, the gaps, the block tails (no garbage:
       // denormals cost a microcode assist per FMA)
       std::memset(at_, 0, C * ld * sizeof(float));

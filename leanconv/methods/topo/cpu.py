@@ -2,8 +2,8 @@
 projection (``sparse_band`` in ``leanconv/kernels/cpu/sparse.h``), built from a TopoOp's compact
 weights, neighbourhoods and channel assignments; the SIC kernels (``leanconv.methods.sic.cpu``,
 ``cpu_stack``) run it on their depthwise band in place of the dense band GEMM. And a TopoOp itself
-(k x k, stride 1) as one C++ kernel (``cpu.cpp``, ``cpu:topo``): the same plan over shifted planar
-inputs, one per (channel, tap).
+(k x k, any stride) as one C++ kernel (``cpu.cpp``, ``cpu:topo`` and ``cpu:topo-rows``): the same
+plan over shifted planar inputs, one per (channel, tap).
 
 Why not a block-sparse GEMM: a GEMM vectorizes over 16-32 output channels, which together read the
 union of their windows (about half the inputs on a 16 x 16 torus with 8 x 8 windows), so it would
@@ -160,7 +160,7 @@ topo_conv_op.register_fake(_topo_fake)
 
 
 class CpuTopoOp(CpuKernelOp):
-    """A stride-1 ``TopoOp`` run by ``leanconv::cpu_topo_conv`` (each output multiplies only its own
+    """A ``TopoOp`` (any stride) run by ``leanconv::cpu_topo_conv`` (each output multiplies only its own
     connections); ``ref`` runs wherever the kernel may not."""
 
     kernel = staticmethod(topo_conv_op)
