@@ -172,7 +172,8 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
   int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - Ly - Ry);
   rpb = std::min(rpb, std::max<int64_t>(1, (total + 2 * threads - 1) / (2 * threads)));
   // rows: bands of the tall image; flat: bands of one image each (its gap rows not computed)
-  if (!rows) rpb = std::min(rpb, OH);
+  // flat: at least one pixel block per band (stride 2 at 512 channels: 3 rows of 8, 24 of 64 pixels)
+  if (!rows) rpb = std::min(std::max(rpb, (SPARSE_PIXELS + Wq - 1) / Wq), OH);
   rpb = std::max(TR, rpb / TR * TR);
   const int64_t per_image = (OH + rpb - 1) / rpb;
   const int64_t bands = rows ? (total + rpb - 1) / rpb : B * per_image;
