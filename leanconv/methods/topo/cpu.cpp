@@ -172,8 +172,16 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
   int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - Ly - Ry);
   rpb = std::min(rpb, std::max<int64_t>(1, (total + 2 * threads - 1) / (2 * threads)));
   // rows: bands of the tall image; flat: bands of one image each (its gap rows not computed)
-  // flat: at least one pixel block per band (stride 2 at 512 channels: 3 rows of 8, 24 of 64 pixels)
-  if (!rows) rpb = std::min(std::max(rpb, (SPARSE_PIXELS + Wq - 1) / Wq), OH);
+  // flat: at least one pixel block per band (stride 2 at 512 channels: 3 rows of 8, 24 of 64 pixels),
+  // then of the heights down to half that, the one that computes the fewest blocks per image
+  if (!rows) {
+    const int64_t hi = std::min(std::max(rpb, (SPARSE_PIXELS + Wq - 1) / Wq), OH);
+    auto blocks = [&](int64_t r) { return (r * Wq + SPARSE_PIXELS - 1) / SPARSE_PIXELS; };
+    auto cost = [&](int64_t r) { return OH / r * blocks(r) + (OH % r ? blocks(OH % r) : 0); };
+    rpb = hi;
+    for (int64_t r = hi - 1; r >= std::max<int64_t>(1, hi / 2); --r)
+      if (cost(r) < cost(rpb)) rpb = r;
+  }
   rpb = std::max(TR, rpb / TR * TR);
   const int64_t per_image = (OH + rpb - 1) / rpb;
   const int64_t bands = rows ? (total + rpb - 1) / rpb : B * per_image;
