@@ -160,35 +160,34 @@ def test_sparse_topological_projection_matches_the_layer(case, group, monkeypatc
     assert sparse[0].index[0].item() == (group or sparse[0].index[0].item())
 
 
-TOPO_CONV_CASES = {  # in, out, kernel, padding, dilation, topology, (H, W), batch; random assignments
-    "3x3-2d-paper-64": (64, 64, 3, 1, 1, Topology.auto(64, 64, 2), (9, 11), 2),
-    "3x3-3d-odd-size": (64, 48, 3, 1, 1, Topology.auto(64, 48, 3), (7, 5), 1),
-    "3x3-1d-tail-channels": (21, 35, 3, 1, 1, Topology((21,), (35,), (6,)), (6, 13), 2),
-    "1x1-2d": (32, 32, 1, 0, 1, Topology.auto(32, 32, 2), (5, 6), 2),
-    "5x5-dilated-unpadded": (24, 20, 5, 1, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 1),
-    "3x3-unpadded": (16, 16, 3, 0, 1, Topology.auto(16, 16, 2), (5, 4), 1),
-    "1-pixel-map": (32, 32, 3, 1, 1, Topology.auto(32, 32, 3), (1, 1), 3),
-    "1-row-wide": (48, 48, 3, 1, 1, Topology((4, 12), (4, 12), (2, 6)), (1, 70), 1),
+TOPO_CONV_CASES = {  # in, out, kernel, stride, padding, dilation, topology, (H, W), batch; random assignments
+    "3x3-2d-paper-64": (64, 64, 3, 1, 1, 1, Topology.auto(64, 64, 2), (9, 11), 2),
+    "3x3-3d-odd-size": (64, 48, 3, 1, 1, 1, Topology.auto(64, 48, 3), (7, 5), 1),
+    "3x3-1d-tail-channels": (21, 35, 3, 1, 1, 1, Topology((21,), (35,), (6,)), (6, 13), 2),
+    "1x1-2d": (32, 32, 1, 1, 0, 1, Topology.auto(32, 32, 2), (5, 6), 2),
+    "5x5-dilated-unpadded": (24, 20, 5, 1, 1, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 1),
+    "3x3-unpadded": (16, 16, 3, 1, 0, 1, Topology.auto(16, 16, 2), (5, 4), 1),
+    "1-pixel-map": (32, 32, 3, 1, 1, 1, Topology.auto(32, 32, 3), (1, 1), 3),
+    "1-row-wide": (48, 48, 3, 1, 1, 1, Topology((4, 12), (4, 12), (2, 6)), (1, 70), 1),
+    "wide-map-row-chunks": (16, 24, 3, 1, 1, 1, Topology.auto(16, 24, 2), (19, 37), 2),
+    "stride-2-odd-size": (64, 48, 3, 2, 1, 1, Topology.auto(64, 48, 2), (13, 11), 2),
+    "stride-2-3d-wide": (32, 32, 3, 2, 1, 1, Topology.auto(32, 32, 3), (9, 40), 1),
+    "stride-2-batch-1-tail-channels": (21, 35, 3, 2, 1, 1, Topology((21,), (35,), (6,)), (14, 14), 1),
+    "stride-2-1-pixel-map": (32, 32, 3, 2, 1, 1, Topology.auto(32, 32, 2), (1, 1), 3),
+    "stride-2-5x5-dilated": (24, 20, 5, 2, 3, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 2),
+    "stride-3-unpadded": (16, 16, 3, 3, 0, 1, Topology.auto(16, 16, 2), (10, 8), 2),
 }
 
 
 @pytest.mark.parametrize("case", list(TOPO_CONV_CASES))
-@pytest.mark.parametrize("group", (None, 1, 4))
-def test_topological_conv_kernel_matches_the_layer(case, group, monkeypatch):
-    """cpu:topo (a stride-1 TopoOp with exactly its MACs) against the layer, every epilogue."""
-    ci, co, k, p, d, topology, hw, batch = TOPO_CONV_CASES[case]
-    layer = randomized(TopoConv2d(ci, co, k, topology, padding=p, dilation=d))
-    if group is not None:
-        monkeypatch.setattr(topo_cpu, "GROUP_SIZES", (group,))
+def test_topological_conv_kernel_matches_the_layer(case, monkeypatch):
+    """cpu:topo (a TopoOp with exactly its MACs, any stride) against the layer, every epilogue."""
+    ci, co, k, s, p, d, topology, hw, batch = TOPO_CONV_CASES[case]
+    layer = randomized(TopoConv2d(ci, co, k, topology, stride=s, padding=p, dilation=d))
     check(layer, (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
-    check(layer, (batch, ci, *hw), ((True, True),), monkeypatch, band_bytes=1)  # one row per band
-    found = [f for f in kernel_ops(freeze(layer)) if isinstance(f, topo_cpu.CpuTopoOp)]
-    assert len(found) == 1 and found[0].impl_name() == "cpu:topo"
-
-
-def test_topological_conv_kernel_not_offered_with_a_stride():
-    op = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
-    assert not [a for a in alternatives(op) if isinstance(a, topo_cpu.CpuTopoOp)]
+    check(layer, (batch, ci, *hw), ((True, True),), monkeypatch, band_bytes=1)  # one tile per band
+    found = [f.impl_name() for f in kernel_ops(freeze(layer)) if isinstance(f, topo_cpu.CpuTopoOp)]
+    assert found == ["cpu:topo", "cpu:topo-rows"]
 
 
 def test_topological_kernels_export_and_fake_implementations():
@@ -261,7 +260,7 @@ def test_offered_only_where_the_kernel_computes_the_op():
     reflect = freeze(randomized(SICLayer(16, 16, 3, 1, 1, padding_mode="reflect")))
     assert cpu_alternatives(reflect) == [], "padding_mode='reflect' is not fused"
     strided = freeze(randomized(TopoConv2d(16, 16, 3, Topology.auto(16, 16, 2), stride=2, padding=1)))
-    assert cpu_alternatives(strided) == [], "cpu:topo computes stride 1 only"
+    assert [f.impl_name() for f in cpu_alternatives(strided)] == ["cpu:topo", "cpu:topo-rows"], "any stride"
     assert cpu_alternatives(cpu_alternatives(op)[0]) == [], "a kernel op is not fused again"
 
 

@@ -55,7 +55,7 @@ inline SparsePlan sparse_plan_of(const at::Tensor& index, const at::Tensor& weig
 
 // 16 x 16 transpose in registers: bit k of the row index swapped with bit k of the column index,
 // k = 0..3, each stage 16 two-source shuffles.
-inline void transpose16(v16 (&m)[16]) {
+__attribute__((always_inline)) inline void transpose16(v16 (&m)[16]) {
 #define LEANCONV_STAGE(B)                                                                      \
   {                                                                                            \
     v16i lo, hi;                                                                               \
@@ -81,17 +81,19 @@ inline void transpose16(v16 (&m)[16]) {
 // denormals, which cost a microcode assist per FMA). A last block of fewer than 16 pixels goes
 // through the register transpose too, zero-filled: it writes zeros up to column P16 + 16 (at most
 // 15 past P: the caller leaves room, and anything it had written there must be zeros).
-inline void to_planar(const float* a, int64_t P, int64_t K, float* at, int64_t ld, int64_t pend) {
+// Pixel p of a at a + p * lda (default K: consecutive pixels; a strided conv's column phase: s K).
+inline void to_planar(const float* a, int64_t P, int64_t K, float* at, int64_t ld, int64_t pend, int64_t lda = -1) {
+  if (lda < 0) lda = K;
   const int64_t P16 = P / 16 * 16, K16 = K / 16 * 16;
   auto block = [&](int64_t p, int64_t rows) {
     for (int64_t k = 0; k < K16; k += 16) {
       v16 m[16];
-      for (int i = 0; i < 16; ++i) m[i] = i < rows ? load<v16>(a + (p + i) * K + k) : v16{};
+      for (int i = 0; i < 16; ++i) m[i] = i < rows ? load<v16>(a + (p + i) * lda + k) : v16{};
       transpose16(m);
       for (int i = 0; i < 16; ++i) store<v16>(at + (k + i) * ld + p, m[i]);
     }
     for (int64_t k = K16; k < K; ++k)
-      for (int i = 0; i < 16; ++i) at[k * ld + p + i] = i < rows ? a[(p + i) * K + k] : 0.0f;
+      for (int i = 0; i < 16; ++i) at[k * ld + p + i] = i < rows ? a[(p + i) * lda + k] : 0.0f;
   };
   for (int64_t p = 0; p < P16; p += 16) block(p, 16);
   if (P16 < P) block(P16, P - P16);

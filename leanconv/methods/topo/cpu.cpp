@@ -1,11 +1,23 @@
-// A topological k x k conv (stride 1, any padding and dilation) on CPU with exactly its MACs, band
-// of output rows by band: the band's input rows (with their halo) transposed into zero-padded
-// planar rows (one plane of (rows + halo) rows of Wr floats per input channel: the W pixels, then
-// a gap of zeros that is both this row's right padding and the next row's left padding), then
-// every output channel accumulates over its own (input channel, tap) pairs: a tap is the plane
-// shifted by dy * Wr + dx, so a k x k conv is the sparse projection of sparse.h over C * k * k
-// shifted inputs. Outputs are computed on rows of Wr (the Wr - OW extra columns are discarded) and
-// transposed back to NHWC with bias / residual / ReLU. NHWC float32 in and out.
+// A topological k x k conv (any stride, padding and dilation) on CPU with exactly its MACs (but for
+// the union of a group's windows), band of output rows by band. NHWC float32 in and out.
+//
+// Layout: a stride (sh, sw) conv reads input row sh r + dy dh - ph, column sw c + dx dw - pw; the
+// input is split into sh * sw phase planes (rows = a mod sh, columns = b mod sw), where every tap is
+// a plain shift (sy, sx) of one plane: a stride-1 conv over the planes (stride 1: one plane). The
+// batch is one tall image: each plane row holds the W / sw pixels and then a gap of zeros that is
+// this row's right padding and the next row's left padding (row length Wq), each image Hq rows with
+// zero rows below it that are its bottom and the next image's top padding; output row R of the
+// tall image is image R / Hq, row R % Hq (rows past OH: discarded). A band's planes (every input
+// channel, its rows with the halo) are transposed into planar rows (sparse.h's to_planar).
+//
+// Compute, two kernels (both offered; optimize keeps the faster per shape):
+// - flat (cpu:topo): bands of one image; pixel blocks of 64 consecutive band positions, every
+//   (channel, tap) input a shifted plane (sparse.h's group_block: groups of R outputs, the plan's R).
+// - rows (cpu:topo-rows): bands of the tall image; tiles of V vectors of 16 output pixels, V output
+//   rows (1 vector per row, or M = 16 / Wq rows per vector on maps narrower than 16), groups of
+//   R = 2 outputs: the taps of one input channel that read the same plane columns at consecutive
+//   row shifts (a "run": 3x3 stride 1, each column dx) load each input row once and feed it to the
+//   up-to-3 output rows it contributes to, (V - 1) M + k loads for k V R FMAs.
 #include "kernels.h"
 #include "sparse.h"
 
@@ -13,9 +25,64 @@ using namespace leanconv_cpu;
 
 namespace {
 
+
+// taps of one input channel on one plane's columns at consecutive row shifts (at most 3)
+struct Run {
+  int64_t off;  // offset of the first tap's row in the channel's planar band (plane, row, column)
+  int kh;
+  int tap[3];   // tap index dy * kw + dx of each row shift
+};
+
+inline v16 splat(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+
+// acc[r][v] += sum_j w[tap[j] R + r] * x[(v M + j) Wq]: each input row loaded once for the R
+// outputs and up to KH output rows it feeds
+template <int R, int V, int M, int KH>
+inline void run_rows(const float* x, int64_t wq, const float* w, const int* tap, v16 (&acc)[R][V]) {
+  v16 wv[KH][R];
+  for (int j = 0; j < KH; ++j)
+    for (int r = 0; r < R; ++r) wv[j][r] = splat(w[tap[j] * R + r]);
+#pragma GCC unroll 128
+  for (int i = 0; i < (V - 1) * M + KH; ++i) {
+    if (i % M >= KH && i / M < V) continue;  // a row no output of the tile reads (M > KH)
+    const v16 xv = load<v16>(x + i * wq);
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      const int j = i - v * M;
+      if (j >= 0 && j < KH)
+        for (int r = 0; r < R; ++r) acc[r][v] += wv[j][r] * xv;
+    }
+  }
+}
+
+// yt rows of every output channel, the tile's V vectors at p0 + v * M * wq
+template <int R, int V, int M>
+void conv_tile(const float* at, const int64_t* coff, const SparsePlan& s, int64_t T, const std::vector<Run>& runs,
+               int64_t wq, float* yt, int64_t ldo, int64_t p0) {
+  for (int64_t g = 0; g < s.G; ++g) {
+    const int64_t a = s.ptr[g] / T, nc = s.ptr[g + 1] / T - a;
+    v16 acc[R][V] = {};
+    for (int64_t k = 0; k < nc; ++k) {
+      const float* x = at + coff[a + k] + p0;
+      const float* w = s.w + (a + k) * T * R;
+      for (const Run& r : runs) {
+        if (r.kh == 3) run_rows<R, V, M, 3>(x + r.off, wq, w, r.tap, acc);
+        else if (r.kh == 2) run_rows<R, V, M, 2>(x + r.off, wq, w, r.tap, acc);
+        else run_rows<R, V, M, 1>(x + r.off, wq, w, r.tap, acc);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t row = s.rows[g * R + r];
+      if (row < 0) continue;
+      float* o = yt + row * ldo + p0;
+      for (int v = 0; v < V; ++v) store<v16>(o + v * M * wq, acc[r][v]);
+    }
+  }
+}
+
+// flat: pixel blocks of the band, each input a (channel, tap) offset (sparse.h's group_block)
 template <int R, int U>
-void conv_rows(const float* at, const int64_t* off, const SparsePlan& s, float* yt, int64_t ldo, int64_t P) {
-  // pixel blocks outer (groups outer timed the same, 128-512 channels)
+void conv_flat(const float* at, const int64_t* off, const SparsePlan& s, float* yt, int64_t ldo, int64_t P) {
   for (int64_t p0 = 0; p0 < P; p0 += 16 * U) {
     for (int64_t g = 0; g < s.G; ++g) {
       const int64_t a = s.ptr[g];
@@ -32,88 +99,182 @@ inline int64_t odd_lines(int64_t n) {
   return (lines | 1) * 16;
 }
 
+inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
 thread_local Buffer conv_buffer;
 
 }  // namespace
 
-// relu?(topological conv(x) + bias + res_scale * residual), NHWC in and out, stride 1.
-//   index / weights: the plan (sparse.h) over inputs channel * kh * kw + tap (tap = i * kw + j);
+// relu?(topological conv(x) + bias + res_scale * residual), NHWC in and out.
+//   index / weights: the plan (sparse.h, groups of R = 1) over inputs channel * kh * kw + tap
+//   (tap = i * kw + j), each group's inputs every tap of each of its channels in tap order;
 //   bias: (N,); res_scale: (N,) or undefined; residual: (B, N, OH, OW) or undefined.
 at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, const at::Tensor& weights,
                              const at::Tensor& bias, const c10::optional<at::Tensor>& res_scale,
                              const c10::optional<at::Tensor>& residual, std::vector<int64_t> kernel,
-                             std::vector<int64_t> padding, std::vector<int64_t> dilation, bool relu,
-                             int64_t band_bytes) {
+                             std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, bool relu, bool rows, int64_t band_bytes) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "leanconv cpu topo: x must be a 4-D float32 CPU tensor");
   at::Tensor x = nhwc(x_in);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = bias.size(0);
-  const int64_t kh = kernel[0], kw = kernel[1], ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
-  TORCH_CHECK(kh > 0 && kw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0, "leanconv cpu topo: bad geometry");
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1],
+                dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0,
+              "leanconv cpu topo: bad geometry");
   const int64_t T = kh * kw;
   at::Tensor idx = index.contiguous(), wts = weights.contiguous(), bc = bias.contiguous();
   const SparsePlan plan = sparse_plan_of(idx, wts, C * T, N);
-  const int64_t OH = H + 2 * ph - dh * (kh - 1), OW = W + 2 * pw - dw * (kw - 1);
-  at::Tensor y = at::empty({B, N, std::max<int64_t>(OH, 0), std::max<int64_t>(OW, 0)},
+  for (int64_t g = 0; g <= plan.G; ++g) TORCH_CHECK(plan.ptr[g] % T == 0, "leanconv cpu topo: plan taps");
+  for (int64_t k = 0; k < plan.ptr[plan.G]; k += T)
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(plan.idx[k + t] == plan.idx[k] + t && plan.idx[k] % T == 0,
+                  "leanconv cpu topo: each group's inputs must be every tap of its channels in order");
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  const bool empty = H + 2 * ph < dh * (kh - 1) + 1 || W + 2 * pw < dw * (kw - 1) + 1;
+  at::Tensor y = at::empty({B, N, empty ? 0 : OH, empty ? 0 : OW},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (B == 0 || OH <= 0 || OW <= 0) return y;
+  if (B == 0 || empty) return y;
   at::Tensor res, rs;
   if (residual.has_value() && residual->defined()) {
     res = nhwc(*residual);
     TORCH_CHECK(res.sizes() == y.sizes(), "leanconv cpu topo: residual shape ", res.sizes(), " != output ", y.sizes());
     if (res_scale.has_value() && res_scale->defined()) rs = res_scale->contiguous();
   }
-  // row stride: the pixels and one gap of zeros, wide enough for the left taps' reach (pw) and the
-  // right taps' ((kw - 1) dw - pw); 3x3 'same': W + 1 (W + 2 with a gap per side: 29% more work at 7x7)
-  const int64_t gap = std::max<int64_t>(pw, (kw - 1) * dw - pw);
-  const int64_t Wp = std::max(W + gap, OW), halo = (kh - 1) * dh;
-  const int64_t threads = at::get_num_threads();
-  // output rows per band: the planar input band near band_bytes, at least two bands per thread
-  int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, C * Wp * (int64_t)sizeof(float)) - halo);
-  rpb = std::min(rpb, std::max<int64_t>(1, (B * OH + 2 * threads - 1) / (2 * threads)));
-  rpb = std::min(rpb, OH);
-  const int64_t per_image = (OH + rpb - 1) / rpb;
-  const int64_t P = rpb * Wp;                                                       // padded output pixels
-  constexpr int U = SPARSE_PIXELS / 16;  // (R, U) = (2, 8), (4, 6), (4, 2) timed within 5-10% of U = 4
-  const int64_t pend = (P + SPARSE_PIXELS - 1) / SPARSE_PIXELS * SPARSE_PIXELS;     // computed pixels
-  const int64_t reach = halo * Wp + (kw - 1) * dw;                                  // farthest tap
-  // + 16: to_planar's last block of a row writes (zeros) up to 15 columns past the row
-  // + pw: the lead of zeros the first row's left taps read; + 16: the last row's to_planar spill
-  const int64_t ld = odd_lines(std::max(pend + reach, pw + (rpb + halo) * Wp + 16));
-  const int64_t ldo = odd_lines(pend);
-  // each input's offset into the planar band: channel plane + tap shift
-  std::vector<int64_t> off(plan.ptr[plan.G]);
-  for (size_t e = 0; e < off.size(); ++e) {
-    const int64_t c = plan.idx[e] / T, t = plan.idx[e] % T;
-    off[e] = c * ld + (t / kw) * dh * Wp + (t % kw) * dw;
+  // each tap's plane and shift; the planes' lead (Ly rows, Lx columns) and trail (Ry, Rx)
+  std::vector<int64_t> ta(T), tb(T), ty(T), tx(T);
+  int64_t Ly = 0, Lx = 0, Ry = 0, Rx = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = (t / kw) * dh - ph, col = (t % kw) * dw - pw;
+    ty[t] = floordiv(row, sh), ta[t] = row - ty[t] * sh;
+    tx[t] = floordiv(col, sw), tb[t] = col - tx[t] * sw;
+    Ly = std::max(Ly, -ty[t]), Ry = std::max(Ry, ty[t]), Lx = std::max(Lx, -tx[t]), Rx = std::max(Rx, tx[t]);
   }
+  const int64_t Hv = (H + sh - 1) / sh, Wv = (W + sw - 1) / sw;  // rows / columns of the largest plane
+  int64_t Wq = std::max(Wv + Lx, OW + Rx);
+  int64_t M = 1;  // rows: output rows per vector (maps narrower than 16: a power-of-two row length)
+  if (rows && Wq <= 16) {
+    int64_t p = 1;
+    while (p < Wq) p *= 2;
+    Wq = p, M = 16 / p;
+  } else if (rows) {
+    Wq = (Wq + 15) / 16 * 16;  // the row's 16-pixel chunks cover it anyway; whole lines for dx = 0
+  }
+  const int64_t Hq = std::max(Hv + Ly, OH + Ry);  // rows per image in the tall image
+  const int64_t total = (B - 1) * Hq + OH;        // output rows of the tall image
+  const int64_t V = 16 / plan.R;  // rows: output vectors per tile (R V = 16 accumulators)
+  int64_t TR = rows ? V * M : 1;
+  const int64_t chunks = M == 1 ? (OW + 15) / 16 : 1;
+  const int64_t threads = at::get_num_threads();
+  // output rows per band: the planar input band near band_bytes, at least two bands per thread, a
+  // multiple of the tile's rows
+  const int64_t row_bytes = C * sh * sw * Wq * (int64_t)sizeof(float);
+  int64_t rpb = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - Ly - Ry);
+  rpb = std::min(rpb, std::max<int64_t>(1, (total + 2 * threads - 1) / (2 * threads)));
+  // rows: bands of the tall image; flat: bands of one image each (its gap rows not computed)
+  // flat: at least one pixel block per band (stride 2 at 512 channels: 3 rows of 8, 24 of 64 pixels),
+  // then of the heights down to half that, the one that computes the fewest blocks per image
+  if (!rows) {
+    const int64_t hi = std::min(std::max(rpb, (SPARSE_PIXELS + Wq - 1) / Wq), OH);
+    auto blocks = [&](int64_t r) { return (r * Wq + SPARSE_PIXELS - 1) / SPARSE_PIXELS; };
+    auto cost = [&](int64_t r) { return OH / r * blocks(r) + (OH % r ? blocks(OH % r) : 0); };
+    rpb = hi;
+    for (int64_t r = hi - 1; r >= std::max<int64_t>(1, hi / 2); --r)
+      if (cost(r) < cost(rpb)) rpb = r;
+  }
+  rpb = std::max(TR, rpb / TR * TR);
+  const int64_t per_image = (OH + rpb - 1) / rpb;
+  const int64_t bands = rows ? (total + rpb - 1) / rpb : B * per_image;
+  // plane: the band's rows with the lead and trail, one spare row (the last tile's columns run
+  // past its row) and 32 floats (to_planar's zero fill of a row's last block: 15 past it)
+  // (flat: + SPARSE_PIXELS, the last block of pixels past the band)
+  const int64_t PS = (rpb + Ly + Ry + 1) * Wq + 32 + (rows ? 0 : SPARSE_PIXELS);
+  const int64_t ld = odd_lines(sh * sw * PS);
+  const int64_t ldo = odd_lines(rpb * Wq + 16 + (rows ? 0 : SPARSE_PIXELS));  // + 16: from_planar reads past
+  // runs: the taps of each plane column shift (a, b, sx) at consecutive row shifts
+  std::vector<Run> runs;
+  std::vector<bool> done(T, false);
+  for (int64_t t = 0; t < T; ++t) {
+    if (done[t]) continue;
+    // this column class's taps by row shift
+    std::vector<std::pair<int64_t, int64_t>> cls;
+    for (int64_t u = 0; u < T; ++u)
+      if (!done[u] && ta[u] == ta[t] && tb[u] == tb[t] && tx[u] == tx[t]) cls.push_back({ty[u], u}), done[u] = true;
+    std::sort(cls.begin(), cls.end());
+    for (size_t i = 0; i < cls.size();) {
+      Run r{(ta[t] * sw + tb[t]) * PS + (cls[i].first + Ly) * Wq + tx[t] + Lx, 0, {0, 0, 0}};
+      while (i < cls.size() && r.kh < 3 && (r.kh == 0 || cls[i].first == cls[i - 1].first + 1))
+        r.tap[r.kh++] = (int)cls[i++].second;
+      runs.push_back(r);
+    }
+  }
+  std::vector<int64_t> coff(plan.ptr[plan.G] / T);
+  for (size_t k = 0; k < coff.size(); ++k) coff[k] = plan.idx[k * T] / T * ld;
+  // flat: each input's offset (channel plane + tap shift)
+  std::vector<int64_t> off(rows ? 0 : plan.ptr[plan.G]);
+  std::vector<int64_t> toff(T);
+  for (int64_t t = 0; t < T; ++t) toff[t] = (ta[t] * sw + tb[t]) * PS + (ty[t] + Ly) * Wq + tx[t] + Lx;
+  for (size_t k = 0; k < off.size() / T; ++k)
+    for (int64_t t = 0; t < T; ++t) off[k * T + t] = coff[k] + toff[t];
   const float* xp = x.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   const float* rsp = rs.defined() ? rs.data_ptr<float>() : nullptr;
   const float* resp = res.defined() ? res.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
-  at::parallel_for(0, B * per_image, 1, [&](int64_t first, int64_t end) {
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t end) {
     float* at_ = conv_buffer.get(C * ld + N * ldo + 16);  // + 16: from_planar's last block may read past
     float* yt = at_ + C * ld;
-    for (int64_t task = first; task < end; ++task) {
-      const int64_t n = task / per_image, r0 = task % per_image * rpb, r1 = std::min(OH, r0 + rpb);
-      // zero everything the taps may read: padding, rows outside the image, the block tails (no
-      // garbage: denormals cost a microcode assist per FMA)
+    for (int64_t band = first; band < end; ++band) {
+      const int64_t n0 = band / per_image, r0 = band % per_image * rpb;
+      const int64_t R0 = rows ? band * rpb : n0 * Hq + r0;
+      const int64_t R1 = rows ? std::min(total, R0 + rpb) : n0 * Hq + std::min(OH, r0 + rpb);
+      // zero everything the taps may read: padding, the gaps, the block tails (no garbage:
+      // denormals cost a microcode assist per FMA)
       std::memset(at_, 0, C * ld * sizeof(float));
-      for (int64_t i = 0; i < (r1 - r0) + halo; ++i) {
-        const int64_t ih = r0 - ph + i;
-        if (ih < 0 || ih >= H) continue;
-        to_planar(xp + (n * H + ih) * W * C, W, C, at_ + pw + i * Wp, ld, W);
+      for (int64_t j = 0; j < (R1 - R0) + Ly + Ry; ++j) {
+        const int64_t q = R0 - Ly + j, n = floordiv(q, Hq), r = q - n * Hq;  // plane row q: image n, row r
+        if (n < 0 || n >= B) continue;
+        for (int64_t a = 0; a < sh; ++a) {
+          const int64_t ih = r * sh + a;
+          if (ih >= H) continue;
+          for (int64_t b = 0; b < sw && b < W; ++b)
+            to_planar(xp + ((n * H + ih) * W + b) * C, (W - b + sw - 1) / sw, C,
+                      at_ + (a * sw + b) * PS + j * Wq + Lx, ld, (W - b + sw - 1) / sw, sw * C);
+        }
       }
-      const int64_t Pb = (r1 - r0) * Wp;
-      if (plan.R == 1) conv_rows<1, U>(at_, off.data(), plan, yt, ldo, Pb);
-      else if (plan.R == 2) conv_rows<2, U>(at_, off.data(), plan, yt, ldo, Pb);
-      else conv_rows<4, U>(at_, off.data(), plan, yt, ldo, Pb);
-      for (int64_t r = r0; r < r1; ++r) {
+      if (!rows) {
+        constexpr int U = SPARSE_PIXELS / 16;
+        const int64_t P = (R1 - R0) * Wq;
+        if (plan.R == 1) conv_flat<1, U>(at_, off.data(), plan, yt, ldo, P);
+        else if (plan.R == 2) conv_flat<2, U>(at_, off.data(), plan, yt, ldo, P);
+        else conv_flat<4, U>(at_, off.data(), plan, yt, ldo, P);
+      }
+      for (int64_t t0 = 0; rows && t0 < R1 - R0; t0 += TR)
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t p0 = t0 * Wq + 16 * c;
+          auto go = [&](auto r, auto v) {
+            switch (M) {
+              case 1: conv_tile<r, v, 1>(at_, coff.data(), plan, T, runs, Wq, yt, ldo, p0); break;
+              case 2: conv_tile<r, v, 2>(at_, coff.data(), plan, T, runs, Wq, yt, ldo, p0); break;
+              case 4: conv_tile<r, v, 4>(at_, coff.data(), plan, T, runs, Wq, yt, ldo, p0); break;
+              case 8: conv_tile<r, v, 8>(at_, coff.data(), plan, T, runs, Wq, yt, ldo, p0); break;
+              default: conv_tile<r, v, 16>(at_, coff.data(), plan, T, runs, Wq, yt, ldo, p0); break;
+            }
+          };
+          using I = std::integral_constant<int, 1>;
+          using II = std::integral_constant<int, 2>;
+          using IV = std::integral_constant<int, 4>;
+          if (plan.R == 1) go(I{}, std::integral_constant<int, 16>{});
+          else if (plan.R == 2) go(II{}, std::integral_constant<int, 8>{});
+          else go(IV{}, IV{});
+        }
+      for (int64_t R = R0; R < R1; ++R) {
+        const int64_t n = R / Hq, r = R % Hq;
+        if (r >= OH) continue;
         const int64_t o = (n * OH + r) * OW * N;
         Epilogue e{bp, rsp, resp ? resp + o : nullptr, relu};
-        from_planar(yt + (r - r0) * Wp, ldo, OW, N, yp + o, e);
+        from_planar(yt + (R - R0) * Wq, ldo, OW, N, yp + o, e);
       }
     }
   });
@@ -122,5 +283,5 @@ at::Tensor topo_conv_forward(const at::Tensor& x_in, const at::Tensor& index, co
 
 static leanconv_cpu::Register bind_topo([](pybind11::module_& m) {
   m.def("topo_conv_forward", &topo_conv_forward,
-        "topological k x k conv (stride 1) with exactly its MACs, band by band (NHWC float32)");
+        "topological k x k conv with exactly its MACs, band by band (NHWC float32)");
 });

@@ -2,8 +2,8 @@
 projection (``sparse_band`` in ``leanconv/kernels/cpu/sparse.h``), built from a TopoOp's compact
 weights, neighbourhoods and channel assignments; the SIC kernels (``leanconv.methods.sic.cpu``,
 ``cpu_stack``) run it on their depthwise band in place of the dense band GEMM. And a TopoOp itself
-(k x k, stride 1) as one C++ kernel (``cpu.cpp``, ``cpu:topo``): the same plan over shifted planar
-inputs, one per (channel, tap).
+(k x k, any stride) as one C++ kernel (``cpu.cpp``, ``cpu:topo`` and ``cpu:topo-rows``): the same
+plan over shifted planar inputs, one per (channel, tap).
 
 Why not a block-sparse GEMM: a GEMM vectorizes over 16-32 output channels, which together read the
 union of their windows (about half the inputs on a 16 x 16 torus with 8 x 8 windows), so it would
@@ -68,9 +68,10 @@ def _groups(sources: Tensor, r: int, order: Tensor) -> list[Tensor]:
 def _cost(unions: list[Tensor], r: int, taps: int = 1) -> float:
     """Relative time of a plan's groups: the sum of their union sizes times a cost per input."""
     if taps > 1:
-        # cpu:topo (k x k): its inputs are shifted, unaligned planes, and the cost per input is
-        # mostly its U vector loads, ~4x one slot's R * U FMAs. Fits its 1-thread times at 64-512
-        # channels (2-D and 3-D grids): R = 4 was the fastest everywhere, 2-10% ahead of R = 2
+        # cpu:topo (k x k, flat pixel blocks): its inputs are shifted, unaligned planes, and the
+        # cost per input is mostly its U vector loads, ~4x one slot's R * U FMAs. Fits its 1-thread
+        # times at 64-512 channels (2-D and 3-D grids): R = 4 was the fastest everywhere, 2-10%
+        # ahead of R = 2
         return sum(u.numel() for u in unions) * (r + 4)
     # the 1x1 band projection: R * U FMAs on two ports, and U + R loads plus ~4 uops of loop and
     # addressing at ~4 uops per cycle. Fits its 1-thread times on Xeon (AVX-512) at 128-512
@@ -80,8 +81,8 @@ def _cost(unions: list[Tensor], r: int, taps: int = 1) -> float:
 
 
 def covers_conv(op) -> bool:
-    """Whether ``cpu:topo`` computes ``op``: a TopoOp with stride 1 (any kernel, padding, dilation)."""
-    return isinstance(op, TopoOp) and tuple(op.stride) == (1, 1)
+    """Whether ``cpu:topo`` computes ``op``: any TopoOp (any kernel, stride, padding, dilation)."""
+    return isinstance(op, TopoOp)
 
 
 @torch.no_grad()
@@ -130,25 +131,26 @@ CONV_BAND_BYTES = 256 << 10
 
 
 def topo_conv(x: Tensor, index: Tensor, weights: Tensor, bias: Tensor, res_scale: Tensor | None,
-              residual: Tensor | None, kernel: list[int], padding: list[int], dilation: list[int], relu: bool,
-              band_bytes: int) -> Tensor:
-    """``relu?(topological conv(x) + bias + res_scale * residual)`` with stride 1, NHWC float32.
+              residual: Tensor | None, kernel: list[int], stride: list[int], padding: list[int],
+              dilation: list[int], relu: bool, rows: bool, band_bytes: int) -> Tensor:
+    """``relu?(topological conv(x) + bias + res_scale * residual)``, NHWC float32.
 
     Args:
         x: ``(B, C, H, W)`` float32 (made channels_last if it is not).
-        index, weights: ``sparse_plan(op)``'s.
+        index, weights: ``sparse_plan(op, group=1)``'s.
         bias: ``(N,)``. res_scale: ``(N,)`` or None. residual: ``(B, N, OH, OW)`` or None.
         band_bytes: target size of the per-thread planar input band.
     Returns:
         ``(B, N, OH, OW)`` channels_last.
     """
-    return build.load().topo_conv_forward(x, index, weights, bias, res_scale, residual, kernel, padding, dilation,
-                                          relu, band_bytes)
+    return build.load().topo_conv_forward(x, index, weights, bias, res_scale, residual, kernel, stride, padding,
+                                          dilation, relu, rows, band_bytes)
 
 
-def _topo_fake(x, index, weights, bias, res_scale, residual, kernel, padding, dilation, relu, band_bytes):
+def _topo_fake(x, index, weights, bias, res_scale, residual, kernel, stride, padding, dilation, relu, rows,
+               band_bytes):
     b, _, h, w = x.shape
-    oh, ow = (conv_output_size(n, k, 1, p, d) for n, k, p, d in zip((h, w), kernel, padding, dilation))
+    oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
     return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
@@ -158,32 +160,46 @@ topo_conv_op.register_fake(_topo_fake)
 
 
 class CpuTopoOp(CpuKernelOp):
-    """A stride-1 ``TopoOp`` run by ``leanconv::cpu_topo_conv`` (each output multiplies only its own
+    """A ``TopoOp`` (any stride) run by ``leanconv::cpu_topo_conv`` (each output multiplies only its own
     connections); ``ref`` runs wherever the kernel may not."""
 
     kernel = staticmethod(topo_conv_op)
     launch = staticmethod(topo_conv)
     band_bytes = CONV_BAND_BYTES
+    rows = False  # flat pixel blocks, each (channel, tap) its own shifted input
+    group = None  # R: the cost model's
 
     def repack(self) -> None:
-        plan = sparse_plan(self.ref)
+        plan = sparse_plan(self.ref, group=self.group)
         self.register_buffer("weights", plan.weights, persistent=False)  # first: its dtype is the op's
         self.register_buffer("index", plan.index, persistent=False)
         self.register_buffer("bias", self.ref.bias.detach().float().contiguous(), persistent=False)
-        self.geometry = (list(self.ref.weight.shape[2:]), list(self.ref.padding), list(self.ref.dilation))
+        self.geometry = (list(self.ref.weight.shape[2:]), list(self.ref.stride), list(self.ref.padding),
+                         list(self.ref.dilation))
 
     def kernel_args(self, x: Tensor, residual: Tensor | None) -> tuple:
-        kernel, padding, dilation = self.geometry
         rs = self.ref.res_scale if residual is not None else None
-        return (x, self.index, self.weights, self.bias, rs, residual, kernel, padding, dilation, self.relu,
+        return (x, self.index, self.weights, self.bias, rs, residual, *self.geometry, self.relu, self.rows,
                 self.band_bytes)
 
     def impl_name(self) -> str:
         return "cpu:topo"
 
 
+class CpuTopoRowsOp(CpuTopoOp):
+    """``cpu:topo`` by tiles of output rows: the taps of a kernel column load each input row once
+    for the (up to k) output rows it feeds; groups of 2 outputs. Faster than the flat pixel blocks
+    on some shapes (14x14), slower on others: ``optimize`` times both."""
+
+    rows = True
+    group = 2
+
+    def impl_name(self) -> str:
+        return "cpu:topo-rows"
+
+
 @cpu_alternative(TopoOp)
 def _topo_alternatives(op: TopoOp) -> list[CpuKernelOp]:
     if not covers_conv(op) or not build.available():
         return []
-    return [CpuTopoOp(op)]
+    return [CpuTopoOp(op), CpuTopoRowsOp(op)]
