@@ -180,10 +180,14 @@ TOPO_CONV_CASES = {  # in, out, kernel, stride, padding, dilation, topology, (H,
 
 
 @pytest.mark.parametrize("case", list(TOPO_CONV_CASES))
-def test_topological_conv_kernel_matches_the_layer(case, monkeypatch):
-    """cpu:topo (a TopoOp with exactly its MACs, any stride) against the layer, every epilogue."""
+@pytest.mark.parametrize("group", (None, 1, 4))
+def test_topological_conv_kernel_matches_the_layer(case, group, monkeypatch):
+    """cpu:topo (a TopoOp with exactly its MACs, any stride; the flat kernel at the cost model's R
+    and forced to R = 1 / 4) and cpu:topo-rows (R = 2) against the layer, every epilogue."""
     ci, co, k, s, p, d, topology, hw, batch = TOPO_CONV_CASES[case]
     layer = randomized(TopoConv2d(ci, co, k, topology, stride=s, padding=p, dilation=d))
+    if group is not None:
+        monkeypatch.setattr(topo_cpu, "GROUP_SIZES", (group,))
     check(layer, (batch, ci, *hw), ALL_EPILOGUES, monkeypatch)
     check(layer, (batch, ci, *hw), ((True, True),), monkeypatch, band_bytes=1)  # one tile per band
     found = [f.impl_name() for f in kernel_ops(freeze(layer)) if isinstance(f, topo_cpu.CpuTopoOp)]
