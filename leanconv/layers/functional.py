@@ -27,6 +27,11 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_output_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output (H, W) of a convolution over an (H, W) map, each argument a pair."""
+    return tuple(conv_output_size(*a) for a in zip(hw, kernel, stride, padding, dilation))  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- unraveled conv (SVD)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from leanconv.kernels.cpu import build, cpu_alternative
 from leanconv.kernels.cpu.op import CpuKernelOp
-from leanconv.layers.functional import conv_output_size
+from leanconv.layers.functional import conv_output_hw
 from leanconv.methods.split import SplitOp
 from leanconv.methods.topo.cpu import is_projection, sparse_plan
 from leanconv.methods.topo.op import TopoOp
@@ -46,7 +46,7 @@ def sic_layer(x: Tensor, dw: Tensor, weight: Tensor, index: Tensor, bias: Tensor
 
 def _sic_fake(x, dw, weight, index, bias, res_scale, residual, kernel, stride, padding, dilation, relu, band_bytes):
     b, _, h, w = x.shape
-    oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    oh, ow = conv_output_hw((h, w), kernel, stride, padding, dilation)
     return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 

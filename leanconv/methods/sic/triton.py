@@ -20,7 +20,7 @@ from leanconv.kernels.fused import FusedOp, fused_alternative
 from leanconv.methods.topo.triton_projection import (finish, launch, nhwc_io, out_channels, pack_projection,
                                                 project_tile)
 from leanconv.kernels.triton_util import autotuned, channels_last_empty, custom_op, dot_precision, sparse_tiles
-from leanconv.layers.functional import conv_output_size
+from leanconv.layers.functional import conv_output_hw
 from leanconv.methods.split import SplitOp
 from leanconv.methods.topo.op import TopoOp
 from leanconv.optimize.ops import ConvOp
@@ -78,7 +78,7 @@ def sic_layer(x: Tensor, dw: Optional[Tensor], weight: Tensor, bias: Tensor, res
     """
     b, c_in, h, w = x.shape
     kh, kw = kernel
-    oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    oh, ow = conv_output_hw((h, w), kernel, stride, padding, dilation)
     k, n = weight.shape
     x, y, res = nhwc_io(x, residual, (b, n, oh, ow))
     m = b * oh * ow
@@ -98,7 +98,7 @@ def sic_layer(x: Tensor, dw: Optional[Tensor], weight: Tensor, bias: Tensor, res
 def _sic_fake(x, dw, weight, bias, res_scale, residual, ksrc, nout, kt_ptr, kt_idx, kernel, stride, padding,
               dilation, mult, relu, tile, precision):
     b, _, h, w = x.shape
-    oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    oh, ow = conv_output_hw((h, w), kernel, stride, padding, dilation)
     return channels_last_empty((b, weight.shape[1], oh, ow), x)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from leanconv.kernels.cpu import build, cpu_alternative
 from leanconv.kernels.cpu.op import CpuKernelOp
-from leanconv.layers.functional import conv_output_size
+from leanconv.layers.functional import conv_output_hw
 from leanconv.methods.topo.op import TopoOp
 
 GROUP_SIZES = (1, 2, 4)  # R the kernel is compiled for
@@ -150,7 +150,7 @@ def topo_conv(x: Tensor, index: Tensor, weights: Tensor, bias: Tensor, res_scale
 def _topo_fake(x, index, weights, bias, res_scale, residual, kernel, stride, padding, dilation, relu, rows,
                band_bytes):
     b, _, h, w = x.shape
-    oh, ow = (conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    oh, ow = conv_output_hw((h, w), kernel, stride, padding, dilation)
     return torch.empty((b, bias.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
