@@ -6,6 +6,7 @@
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdlib>
