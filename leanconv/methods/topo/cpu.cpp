@@ -110,7 +110,7 @@ thread_local Buffer conv_buffer;
 #ifdef __AVX512F__
 // dense (stride-1 'same' convs, AVX-512): the batch's pixels as one sequence in NHWC order, no pad
 // columns or rows and bands over images alike; a tap's input is the plane shifted by ty W + tx, its
-// lanes outside the image masked out (a masked load, at a load's cost). Only the batch's last block
+// lanes outside the image masked out of the FMA (at no cost). Only the batch's last block
 // computes pixels it does not need (the padded layout computes its pad column and row too, and
 // rounds each band up to whole blocks: 23% of the work at 7x7, 13% at 14x14).
 template <int R, int U>
