@@ -176,6 +176,10 @@ TOPO_CONV_CASES = {  # in, out, kernel, stride, padding, dilation, topology, (H,
     "stride-2-1-pixel-map": (32, 32, 3, 2, 1, 1, Topology.auto(32, 32, 2), (1, 1), 3),
     "stride-2-5x5-dilated": (24, 20, 5, 2, 3, 2, Topology((4, 6), (4, 5), (2, 3)), (12, 11), 2),
     "stride-3-unpadded": (16, 16, 3, 3, 0, 1, Topology.auto(16, 16, 2), (10, 8), 2),
+    # stride-1 'same' maps past the dense form's threshold (10 (H+1)(W+1) < 11 H W): the padded
+    # flat layout (most stride-1 cases above are small enough to take the dense form)
+    "padded-30x30-tail-channels": (21, 35, 3, 1, 1, 1, Topology((21,), (35,), (6,)), (30, 30), 2),
+    "padded-28x28-2d-batch-1": (64, 64, 3, 1, 1, 1, Topology.auto(64, 64, 2), (28, 28), 1),
     # small maps, stride-1 'same': the flat kernel's dense form (bands across images, masked taps)
     "dense-7x7-batch-3": (48, 48, 3, 1, 1, 1, Topology.auto(48, 48, 2), (7, 7), 3),
     "dense-dilated-5x6-tail-channels": (24, 20, 3, 1, 2, 2, Topology((4, 6), (4, 5), (2, 3)), (5, 6), 3),
